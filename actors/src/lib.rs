@@ -1,0 +1,17 @@
+//! `chorus-actors`: the node runtime of Chorus — every part that has state, each owned by an actor.
+//!
+//! ```text
+//! NodeSupervisor
+//! └── SessionSupervisor ── UserSession(user)      one per active user, passivated when idle
+//! ```
+//!
+//! The edge (`src/`) never holds user state: it authenticates, then asks the user's home
+//! `UserSession` (through [`session::Sessions`]) to change anything, and may read straight from
+//! the [`store::Store`].
+
+pub mod store;
+pub mod node;
+pub mod quota;
+pub mod session;
+
+pub use node::Node;

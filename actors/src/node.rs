@@ -1,0 +1,142 @@
+//! `NodeSupervisor`: the root of this node's actor tree.
+//!
+//! It owns the `SessionSupervisor` and restarts it if it fails; the [`Sessions`] handle given to
+//! the edge follows the restart through a shared slot. Later issues hang the provider, indexer and
+//! cluster supervisors here.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use ractor::concurrency::JoinHandle;
+use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use ractor_cluster::RactorMessage;
+
+use crate::session::{
+    LiveSessions, SessionConfig, SessionSupervisor, SessionSupervisorArgs,
+    SessionSupervisorMessage, Sessions,
+};
+use crate::store::Store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("starting the node supervisor: {0}")]
+    Spawn(String),
+}
+
+/// A running node runtime: the supervisor tree and the handles the edge uses.
+pub struct Node {
+    supervisor: ActorRef<NodeMessage>,
+    handle: JoinHandle<()>,
+    pub sessions: Sessions,
+}
+
+impl Node {
+    pub async fn start(store: Arc<dyn Store>, sessions: SessionConfig) -> Result<Node, NodeError> {
+        let slot: SupervisorSlot = Arc::new(RwLock::new(None));
+        let live: LiveSessions = Arc::new(RwLock::new(HashMap::new()));
+        let args = NodeArgs {
+            store,
+            sessions: sessions.clone(),
+            slot: slot.clone(),
+            live: live.clone(),
+        };
+        let (supervisor, handle) = Actor::spawn(None, NodeSupervisor, args)
+            .await
+            .map_err(|e| NodeError::Spawn(e.to_string()))?;
+        let handle_for_edge = Sessions::new(slot, live, sessions.call_timeout);
+        Ok(Node {
+            supervisor,
+            handle,
+            sessions: handle_for_edge,
+        })
+    }
+
+    /// Stops every actor (children first) and waits for the tree to end.
+    pub async fn shutdown(self) {
+        self.supervisor.stop(Some("node shutdown".into()));
+        let _ = self.handle.await;
+    }
+}
+
+pub(crate) type SupervisorSlot = Arc<RwLock<Option<ActorRef<SessionSupervisorMessage>>>>;
+
+pub struct NodeSupervisor;
+
+pub struct NodeArgs {
+    store: Arc<dyn Store>,
+    sessions: SessionConfig,
+    slot: SupervisorSlot,
+    live: LiveSessions,
+}
+
+#[derive(RactorMessage)]
+pub enum NodeMessage {}
+
+impl Actor for NodeSupervisor {
+    type Msg = NodeMessage;
+    type State = NodeArgs;
+    type Arguments = NodeArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        spawn_session_supervisor(&myself, &args).await?;
+        Ok(args)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        _state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {}
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let SupervisionEvent::ActorFailed(_, err) = event {
+            // Sessions rebuild from the store, so a fresh supervisor with an empty map is correct.
+            tracing::error!(error = %err, "session supervisor failed; restarting it");
+            spawn_session_supervisor(&myself, state).await?;
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        _state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        myself.stop_children_and_wait(None, None).await;
+        Ok(())
+    }
+}
+
+async fn spawn_session_supervisor(
+    myself: &ActorRef<NodeMessage>,
+    state: &NodeArgs,
+) -> Result<(), ActorProcessingErr> {
+    if let Ok(mut live) = state.live.write() {
+        live.clear();
+    }
+    let args = SessionSupervisorArgs {
+        store: state.store.clone(),
+        config: state.sessions.clone(),
+        live: state.live.clone(),
+    };
+    let (supervisor, _) =
+        Actor::spawn_linked(None, SessionSupervisor, args, myself.get_cell()).await?;
+    let mut slot = state
+        .slot
+        .write()
+        .map_err(|_| ActorProcessingErr::from("session supervisor slot poisoned"))?;
+    *slot = Some(supervisor);
+    Ok(())
+}

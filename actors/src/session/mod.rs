@@ -1,0 +1,227 @@
+//! User sessions: one `UserSession` actor per active user owns every change to that user's state.
+//!
+//! ```text
+//! SessionSupervisor ── UserSession(user_a)
+//!                   ├─ UserSession(user_b)      spawned on first use, stopped after idle_timeout
+//!                   └─ ...
+//! ```
+//!
+//! Changes go through the session so they are serialized per user without locks (ARCHITECTURE.md,
+//! principle 1); reads may go straight to the store. The edge talks to sessions only through the
+//! [`Sessions`] handle, which finds or spawns the session and retries once when it raced with
+//! passivation.
+
+mod supervisor;
+mod user_session;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use ractor::{ActorRef, RpcReplyPort};
+use uuid::Uuid;
+
+use crate::node::SupervisorSlot;
+use crate::store::{ApiKey, StoreError, Thread, User};
+pub use supervisor::{SessionSupervisor, SessionSupervisorArgs, SessionSupervisorMessage};
+pub use user_session::{UserSession, UserSessionMessage};
+
+/// Tunables of the session layer (`[sessions]` in chorus.toml).
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// A session with no message for this long stops; the next request rebuilds it from the store.
+    pub idle_timeout: Duration,
+    /// Upper bound for one request to a session (includes queueing behind the user's other work).
+    pub call_timeout: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            idle_timeout: Duration::from_secs(600),
+            call_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The resource does not exist or belongs to another user (the edge answers 404 for both).
+    #[error("not found")]
+    NotFound,
+    /// The change would break a rule of the user's data (e.g. too many API keys).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The session could not be reached or did not answer in time.
+    #[error("user session unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Fields of `POST /api/v1/threads`, validated by the edge.
+#[derive(Debug, Clone, Default)]
+pub struct NewThread {
+    pub title: Option<String>,
+    pub system_prompt: Option<String>,
+    pub model: Option<String>,
+}
+
+/// `PATCH /api/v1/threads/{id}`: `None` leaves a field alone, `Some(None)` clears it.
+#[derive(Debug, Clone, Default)]
+pub struct ThreadPatch {
+    pub title: Option<Option<String>>,
+    pub system_prompt: Option<Option<String>>,
+    pub model: Option<Option<String>>,
+    pub bookmarked: Option<bool>,
+}
+
+/// `PATCH /api/v1/me`: `None` leaves a field alone, `Some(None)` clears it.
+#[derive(Debug, Clone, Default)]
+pub struct ProfilePatch {
+    pub display_name: Option<Option<String>>,
+    pub default_model: Option<Option<String>>,
+    pub temperature: Option<Option<f64>>,
+    pub system_prompt: Option<Option<String>>,
+}
+
+pub(crate) type LiveSessions = Arc<RwLock<HashMap<Uuid, ActorRef<UserSessionMessage>>>>;
+
+/// The edge's handle on the sessions of this node. Cheap to clone.
+#[derive(Clone)]
+pub struct Sessions {
+    supervisor: SupervisorSlot,
+    live: LiveSessions,
+    call_timeout: Duration,
+}
+
+impl Sessions {
+    pub(crate) fn new(
+        supervisor: SupervisorSlot,
+        live: LiveSessions,
+        call_timeout: Duration,
+    ) -> Self {
+        Sessions {
+            supervisor,
+            live,
+            call_timeout,
+        }
+    }
+
+    /// Number of sessions currently alive on this node.
+    pub fn live_count(&self) -> usize {
+        self.live.read().map(|m| m.len()).unwrap_or(0)
+    }
+
+    pub async fn create_thread(&self, user_id: Uuid, new: NewThread) -> Result<Thread, SessionError> {
+        self.request(user_id, |reply| UserSessionMessage::CreateThread(new.clone(), reply))
+            .await
+    }
+
+    pub async fn update_thread(
+        &self,
+        user_id: Uuid,
+        thread_id: Uuid,
+        patch: ThreadPatch,
+    ) -> Result<Thread, SessionError> {
+        self.request(user_id, |reply| {
+            UserSessionMessage::UpdateThread(thread_id, patch.clone(), reply)
+        })
+        .await
+    }
+
+    pub async fn delete_thread(&self, user_id: Uuid, thread_id: Uuid) -> Result<(), SessionError> {
+        self.request(user_id, |reply| UserSessionMessage::DeleteThread(thread_id, reply))
+            .await
+    }
+
+    pub async fn update_profile(
+        &self,
+        user_id: Uuid,
+        patch: ProfilePatch,
+    ) -> Result<User, SessionError> {
+        self.request(user_id, |reply| {
+            UserSessionMessage::UpdateProfile(patch.clone(), reply)
+        })
+        .await
+    }
+
+    /// Stores a new API key unless the user already holds `max_keys`.
+    pub async fn create_api_key(
+        &self,
+        user_id: Uuid,
+        key: ApiKey,
+        max_keys: usize,
+    ) -> Result<ApiKey, SessionError> {
+        self.request(user_id, |reply| {
+            UserSessionMessage::CreateApiKey(key.clone(), max_keys, reply)
+        })
+        .await
+    }
+
+    pub async fn delete_api_key(&self, user_id: Uuid, key_id: Uuid) -> Result<(), SessionError> {
+        self.request(user_id, |reply| UserSessionMessage::DeleteApiKey(key_id, reply))
+            .await
+    }
+
+    /// Sends a request to the user's session and waits for the answer. A session that stopped
+    /// between lookup and delivery (idle passivation) drops the message unprocessed, so one retry
+    /// against a fresh session is safe.
+    async fn request<T, F>(&self, user_id: Uuid, build: F) -> Result<T, SessionError>
+    where
+        T: Send + 'static,
+        F: Fn(RpcReplyPort<Result<T, SessionError>>) -> UserSessionMessage,
+    {
+        let mut last_error = String::new();
+        for _attempt in 0..2 {
+            let session = self.session(user_id).await?;
+            match session.call(&build, Some(self.call_timeout)).await {
+                Ok(ractor::rpc::CallResult::Success(result)) => return result,
+                Ok(ractor::rpc::CallResult::Timeout) => {
+                    return Err(SessionError::Unavailable("session call timed out".into()));
+                }
+                Ok(ractor::rpc::CallResult::SenderError) => {
+                    last_error = "session stopped before answering".into();
+                }
+                Err(err) => last_error = err.to_string(),
+            }
+            self.forget(user_id, &session);
+        }
+        Err(SessionError::Unavailable(last_error))
+    }
+
+    async fn session(&self, user_id: Uuid) -> Result<ActorRef<UserSessionMessage>, SessionError> {
+        let cached = self
+            .live
+            .read()
+            .ok()
+            .and_then(|m| m.get(&user_id).cloned());
+        if let Some(session) = cached
+            && session.get_status() == ractor::ActorStatus::Running
+        {
+            return Ok(session);
+        }
+        let supervisor = self
+            .supervisor
+            .read()
+            .ok()
+            .and_then(|slot| slot.clone())
+            .ok_or_else(|| SessionError::Unavailable("session supervisor not running".into()))?;
+        ractor::call_t!(
+            supervisor,
+            SessionSupervisorMessage::GetOrSpawn,
+            self.call_timeout.as_millis() as u64,
+            user_id
+        )
+        .map_err(|e| SessionError::Unavailable(e.to_string()))?
+        .map_err(SessionError::Unavailable)
+    }
+
+    fn forget(&self, user_id: Uuid, session: &ActorRef<UserSessionMessage>) {
+        if let Ok(mut map) = self.live.write()
+            && map.get(&user_id).map(|s| s.get_id()) == Some(session.get_id())
+        {
+            map.remove(&user_id);
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! Wiring: open the store, start the actor runtime, bind the listener, serve until shutdown.
+//!
+//! [`Application::build`] binds before it returns, so a caller (the CLI, or a test) knows the
+//! real port even when the config asked for port 0. [`Application::run_until`] serves until the
+//! given signal, then drains: stop accepting, let in-flight requests finish within
+//! `server.shutdown_grace_secs`, stop the actors, return.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use anyhow::Context as _;
+use chorus_actors::Node;
+use chorus_actors::quota::{KeyedLimiter, LimitSpec};
+use chorus_actors::session::Sessions;
+use chorus_actors::store::{SqliteStore, Store};
+use tokio::net::TcpListener;
+
+use crate::auth::JwtKeys;
+use crate::auth::jwt::load_or_create_dev_secret;
+use crate::config::{Config, StoreConfig};
+use crate::http;
+
+/// What every handler can reach. Holds handles, never per-user state.
+pub struct AppState {
+    pub config: Config,
+    pub store: Arc<dyn Store>,
+    pub sessions: Sessions,
+    pub jwt: JwtKeys,
+    pub limiters: Limiters,
+    pub metrics: Arc<EdgeMetrics>,
+    /// Set when shutdown begins, so `/readyz` turns 503 while in-flight requests drain.
+    pub shutting_down: AtomicBool,
+}
+
+/// Per-IP and per-account limits of the public auth routes (in-process on a single node).
+pub struct Limiters {
+    pub auth_per_ip: KeyedLimiter,
+    pub login_failures: KeyedLimiter,
+}
+
+/// Counters the edge keeps for itself (Prometheus export comes with observability).
+#[derive(Default)]
+pub struct EdgeMetrics {
+    in_flight: AtomicUsize,
+}
+
+impl EdgeMetrics {
+    /// Counts a request as in flight until the guard drops.
+    pub fn begin_request(self: &Arc<Self>) -> InFlightGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlightGuard(self.clone())
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+pub struct InFlightGuard(Arc<EdgeMetrics>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Opens (and migrates) the configured store.
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    match &config.store {
+        StoreConfig::Sqlite { path } => {
+            let path = path.clone();
+            let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+                .await
+                .context("opening the SQLite store")?
+                .context("opening the SQLite store")?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// Signing keys from config; without a configured HS256 secret, the dev secret in the data dir.
+pub fn jwt_keys(config: &Config) -> anyhow::Result<JwtKeys> {
+    let dev_secret = if config.auth.secret.is_none()
+        && config.auth.algorithm == crate::config::JwtAlgorithm::Hs256
+    {
+        tracing::warn!(
+            path = %config.data_dir.join("jwt-secret").display(),
+            "no auth.jwt_secret configured: signing tokens with a generated DEV secret kept in the \
+             data dir. Set CHORUS__AUTH__JWT_SECRET (32+ bytes) in production."
+        );
+        Some(load_or_create_dev_secret(&config.data_dir)?)
+    } else {
+        None
+    };
+    Ok(JwtKeys::from_config(&config.auth, dev_secret.as_deref())?)
+}
+
+pub struct Application {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    state: Arc<AppState>,
+    node: Node,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Application> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+        let jwt = jwt_keys(&config)?;
+        let store = open_store(&config).await?;
+        let node = Node::start(store.clone(), config.sessions.clone()).await?;
+        let listener = TcpListener::bind(config.server.bind)
+            .await
+            .with_context(|| format!("binding {}", config.server.bind))?;
+        let local_addr = listener.local_addr()?;
+        let limiters = Limiters {
+            auth_per_ip: KeyedLimiter::new(LimitSpec::per_minute(
+                config.limits.auth_per_ip_per_minute,
+            )),
+            login_failures: KeyedLimiter::new(LimitSpec::per_minute(
+                config.limits.login_failures_per_account_per_minute,
+            )),
+        };
+        let state = Arc::new(AppState {
+            sessions: node.sessions.clone(),
+            config,
+            store,
+            jwt,
+            limiters,
+            metrics: Arc::new(EdgeMetrics::default()),
+            shutting_down: AtomicBool::new(false),
+        });
+        Ok(Application {
+            listener,
+            local_addr,
+            state,
+            node,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` completes, then drains and stops.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let Application {
+            listener,
+            local_addr,
+            state,
+            node,
+        } = self;
+        let grace = state.config.server.shutdown_grace;
+        let stop_accepting = Arc::new(tokio::sync::Notify::new());
+        let server = {
+            let stop_accepting = stop_accepting.clone();
+            warp::serve(http::routes(state.clone()))
+                .incoming(listener)
+                .graceful(async move { stop_accepting.notified().await })
+                .run()
+        };
+        tracing::info!(addr = %local_addr, "listening");
+        let mut server = std::pin::pin!(server);
+        tokio::select! {
+            () = shutdown => {}
+            () = &mut server => {
+                anyhow::bail!("HTTP server stopped unexpectedly");
+            }
+        }
+        state.shutting_down.store(true, Ordering::Relaxed);
+        tracing::info!(
+            in_flight = state.metrics.in_flight(),
+            grace_secs = grace.as_secs(),
+            "shutdown: no longer accepting; draining in-flight requests"
+        );
+        stop_accepting.notify_one();
+        if tokio::time::timeout(grace, &mut server).await.is_err() {
+            tracing::warn!(
+                in_flight = state.metrics.in_flight(),
+                "shutdown grace elapsed; closing remaining connections"
+            );
+        }
+        node.shutdown().await;
+        tracing::info!("shutdown complete");
+        Ok(())
+    }
+}

@@ -1,0 +1,50 @@
+//! Opaque secrets handed to clients: refresh tokens and API keys.
+//! 32 random bytes each (256 bits), so a fast hash (SHA-256) is enough to store them safely.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use sha2::{Digest, Sha256};
+
+/// Prefix of API keys, so they are recognisable in configs and secret scanners.
+pub const API_KEY_PREFIX: &str = "ck-";
+const REFRESH_PREFIX: &str = "crt-";
+
+fn random_secret(prefix: &str) -> String {
+    let bytes: [u8; 32] = rand::random();
+    format!("{prefix}{}", URL_SAFE_NO_PAD.encode(bytes))
+}
+
+pub fn new_refresh_token() -> String {
+    random_secret(REFRESH_PREFIX)
+}
+
+pub fn new_api_key() -> String {
+    random_secret(API_KEY_PREFIX)
+}
+
+/// What the store keeps: hex SHA-256 of the whole token.
+pub fn hash_secret(token: &str) -> String {
+    let digest = Sha256::digest(token.as_bytes());
+    let mut out = String::with_capacity(64);
+    for byte in digest {
+        out.push_str(&format!("{byte:02x}"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_unique_prefixed_and_hash_stably() {
+        let a = new_api_key();
+        let b = new_api_key();
+        assert_ne!(a, b);
+        assert!(a.starts_with("ck-"));
+        assert!(new_refresh_token().starts_with("crt-"));
+        assert_eq!(hash_secret(&a), hash_secret(&a));
+        assert_ne!(hash_secret(&a), hash_secret(&b));
+        assert_eq!(hash_secret(&a).len(), 64);
+    }
+}

@@ -1,0 +1,692 @@
+//! Configuration: defaults (`config/chorus.toml`, compiled in) → optional file → environment.
+//!
+//! The three layers are merged as TOML tables, then deserialized strictly (`deny_unknown_fields`,
+//! with `serde_path_to_error` so an error names the exact key), then validated into [`Config`].
+//! The environment is passed in rather than read here, so tests never touch process state.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use toml::{Table, Value};
+
+/// The defaults, one comment per key. Also the reference for operators.
+pub const DEFAULTS_TOML: &str = include_str!("../config/chorus.toml");
+const ENV_PREFIX: &str = "CHORUS__";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// A secret string: redacted in `Debug` and when the config is printed.
+#[derive(Clone, Default, Deserialize, PartialEq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    #[cfg(test)]
+    pub fn from_test(value: &str) -> Secret {
+        Secret(value.to_owned())
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "<redacted>" })
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.0.is_empty() { "" } else { "<redacted>" })
+    }
+}
+
+/// The file format, exactly as written in chorus.toml.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub data_dir: PathBuf,
+    pub server: RawServer,
+    pub auth: RawAuth,
+    pub store: RawStore,
+    pub sessions: RawSessions,
+    pub limits: RawLimits,
+    pub log: RawLog,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub bind: String,
+    pub body_limit_bytes: u64,
+    pub cors_origins: Vec<String>,
+    pub shutdown_grace_secs: u64,
+    pub trust_forwarded_for: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    pub jwt_algorithm: String,
+    pub jwt_secret: Secret,
+    pub jwt_kid: String,
+    pub jwt_private_key_file: String,
+    pub jwt_public_key_file: String,
+    pub jwt_previous_public_keys: Vec<PreviousKey>,
+    pub jwt_issuer: String,
+    pub access_token_ttl_secs: u64,
+    pub refresh_token_ttl_secs: u64,
+    pub password_min_chars: usize,
+    pub password_max_chars: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PreviousKey {
+    pub kid: String,
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    pub kind: String,
+    pub sqlite_path: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSessions {
+    pub idle_timeout_secs: u64,
+    pub call_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub auth_per_ip_per_minute: u32,
+    pub login_failures_per_account_per_minute: u32,
+    pub title_max_chars: usize,
+    pub system_prompt_max_chars: usize,
+    pub name_max_chars: usize,
+    pub api_keys_per_user: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub format: String,
+    pub level: String,
+}
+
+/// The validated configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The merged file form, kept for `config check`.
+    pub raw: RawConfig,
+    pub data_dir: PathBuf,
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    pub store: StoreConfig,
+    pub sessions: chorus_actors::session::SessionConfig,
+    pub limits: RawLimits,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub bind: SocketAddr,
+    pub body_limit_bytes: u64,
+    pub cors: CorsOrigins,
+    pub shutdown_grace: Duration,
+    pub trust_forwarded_for: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum CorsOrigins {
+    None,
+    Any,
+    List(Vec<String>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JwtAlgorithm {
+    Hs256,
+    Rs256,
+    EdDsa,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub algorithm: JwtAlgorithm,
+    /// HS256 secret; `None` means "generate a dev secret in the data dir".
+    pub secret: Option<Secret>,
+    pub kid: String,
+    pub private_key_file: Option<PathBuf>,
+    pub public_key_file: Option<PathBuf>,
+    pub previous_public_keys: Vec<PreviousKey>,
+    pub issuer: String,
+    pub access_ttl: Duration,
+    pub refresh_ttl: Duration,
+    pub password_min_chars: usize,
+    pub password_max_chars: usize,
+}
+
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    Sqlite { path: PathBuf },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Config {
+    /// Loads the layers and validates them. `env` is the process environment (or a test's).
+    pub fn load<I>(file: Option<&Path>, env: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let defaults = parse_table(DEFAULTS_TOML, "built-in defaults (config/chorus.toml)")?;
+        let mut merged = defaults.clone();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            let overlay = parse_table(&text, &path.display().to_string())?;
+            merge(&mut merged, overlay);
+        }
+        apply_env(&mut merged, &defaults, env)?;
+        let raw: RawConfig = serde_path_to_error::deserialize(Value::Table(merged)).map_err(
+            |err| {
+                let path = err.path().to_string();
+                ConfigError::Invalid {
+                    key: if path == "." { "(top level)".into() } else { path },
+                    message: err.into_inner().to_string(),
+                }
+            },
+        )?;
+        Config::validate(raw)
+    }
+
+    fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+        if raw.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        let bind: SocketAddr = raw.server.bind.parse().map_err(|e| {
+            invalid(
+                "server.bind",
+                format!("`{}` is not an address:port ({e})", raw.server.bind),
+            )
+        })?;
+        if raw.server.body_limit_bytes == 0 {
+            return Err(invalid("server.body_limit_bytes", "must be greater than 0"));
+        }
+        let cors = parse_cors(&raw.server.cors_origins)?;
+
+        let auth = validate_auth(&raw.auth)?;
+
+        let store = match raw.store.kind.as_str() {
+            "sqlite" => StoreConfig::Sqlite {
+                path: if raw.store.sqlite_path.is_empty() {
+                    raw.data_dir.join("chorus.db")
+                } else {
+                    PathBuf::from(&raw.store.sqlite_path)
+                },
+            },
+            other => {
+                return Err(invalid(
+                    "store.kind",
+                    format!("unsupported store `{other}` (supported: sqlite)"),
+                ));
+            }
+        };
+
+        if raw.sessions.idle_timeout_secs == 0 {
+            return Err(invalid("sessions.idle_timeout_secs", "must be greater than 0"));
+        }
+        if raw.sessions.call_timeout_secs == 0 {
+            return Err(invalid("sessions.call_timeout_secs", "must be greater than 0"));
+        }
+        for (key, value) in [
+            ("limits.auth_per_ip_per_minute", raw.limits.auth_per_ip_per_minute as usize),
+            (
+                "limits.login_failures_per_account_per_minute",
+                raw.limits.login_failures_per_account_per_minute as usize,
+            ),
+            ("limits.title_max_chars", raw.limits.title_max_chars),
+            ("limits.system_prompt_max_chars", raw.limits.system_prompt_max_chars),
+            ("limits.name_max_chars", raw.limits.name_max_chars),
+            ("limits.api_keys_per_user", raw.limits.api_keys_per_user),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+
+        let format = match raw.log.format.as_str() {
+            "json" => LogFormat::Json,
+            "pretty" => LogFormat::Pretty,
+            other => {
+                return Err(invalid(
+                    "log.format",
+                    format!("`{other}` is not one of: json, pretty"),
+                ));
+            }
+        };
+        if tracing_subscriber::EnvFilter::try_new(&raw.log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                format!("`{}` is not a valid filter", raw.log.level),
+            ));
+        }
+
+        Ok(Config {
+            data_dir: raw.data_dir.clone(),
+            server: ServerConfig {
+                bind,
+                body_limit_bytes: raw.server.body_limit_bytes,
+                cors,
+                shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_secs),
+                trust_forwarded_for: raw.server.trust_forwarded_for,
+            },
+            auth,
+            store,
+            sessions: chorus_actors::session::SessionConfig {
+                idle_timeout: Duration::from_secs(raw.sessions.idle_timeout_secs),
+                call_timeout: Duration::from_secs(raw.sessions.call_timeout_secs),
+            },
+            limits: raw.limits.clone(),
+            log: LogConfig {
+                format,
+                level: raw.log.level.clone(),
+            },
+            raw,
+        })
+    }
+
+    /// The effective configuration as TOML, secrets redacted (`chorus config check`).
+    pub fn to_redacted_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string_pretty(&self.raw).map_err(|e| ConfigError::Parse {
+            origin: "effective config".into(),
+            message: e.to_string(),
+        })
+    }
+}
+
+fn validate_auth(raw: &RawAuth) -> Result<AuthConfig, ConfigError> {
+    let algorithm = match raw.jwt_algorithm.as_str() {
+        "HS256" => JwtAlgorithm::Hs256,
+        "RS256" => JwtAlgorithm::Rs256,
+        "EdDSA" => JwtAlgorithm::EdDsa,
+        other => {
+            return Err(invalid(
+                "auth.jwt_algorithm",
+                format!("`{other}` is not one of: HS256, RS256, EdDSA"),
+            ));
+        }
+    };
+    let non_empty = |s: &str| (!s.is_empty()).then(|| PathBuf::from(s));
+    let private_key_file = non_empty(&raw.jwt_private_key_file);
+    let public_key_file = non_empty(&raw.jwt_public_key_file);
+    let secret = (!raw.jwt_secret.is_empty()).then(|| raw.jwt_secret.clone());
+    match algorithm {
+        JwtAlgorithm::Hs256 => {
+            if let Some(secret) = &secret
+                && secret.expose().len() < 32
+            {
+                return Err(invalid("auth.jwt_secret", "must be at least 32 bytes"));
+            }
+        }
+        JwtAlgorithm::Rs256 | JwtAlgorithm::EdDsa => {
+            if private_key_file.is_none() {
+                return Err(invalid(
+                    "auth.jwt_private_key_file",
+                    format!("required when auth.jwt_algorithm = \"{}\"", raw.jwt_algorithm),
+                ));
+            }
+            if public_key_file.is_none() {
+                return Err(invalid(
+                    "auth.jwt_public_key_file",
+                    format!("required when auth.jwt_algorithm = \"{}\"", raw.jwt_algorithm),
+                ));
+            }
+        }
+    }
+    if raw.jwt_kid.is_empty() {
+        return Err(invalid("auth.jwt_kid", "must not be empty"));
+    }
+    if raw.jwt_previous_public_keys.iter().any(|k| k.kid == raw.jwt_kid) {
+        return Err(invalid(
+            "auth.jwt_previous_public_keys",
+            "a previous key reuses the current jwt_kid",
+        ));
+    }
+    if raw.access_token_ttl_secs == 0 {
+        return Err(invalid("auth.access_token_ttl_secs", "must be greater than 0"));
+    }
+    if raw.refresh_token_ttl_secs == 0 {
+        return Err(invalid("auth.refresh_token_ttl_secs", "must be greater than 0"));
+    }
+    if raw.password_min_chars == 0 || raw.password_min_chars > raw.password_max_chars {
+        return Err(invalid(
+            "auth.password_min_chars",
+            "must be at least 1 and at most auth.password_max_chars",
+        ));
+    }
+    Ok(AuthConfig {
+        algorithm,
+        secret,
+        kid: raw.jwt_kid.clone(),
+        private_key_file,
+        public_key_file,
+        previous_public_keys: raw.jwt_previous_public_keys.clone(),
+        issuer: raw.jwt_issuer.clone(),
+        access_ttl: Duration::from_secs(raw.access_token_ttl_secs),
+        refresh_ttl: Duration::from_secs(raw.refresh_token_ttl_secs),
+        password_min_chars: raw.password_min_chars,
+        password_max_chars: raw.password_max_chars,
+    })
+}
+
+fn parse_cors(origins: &[String]) -> Result<CorsOrigins, ConfigError> {
+    if origins.is_empty() {
+        return Ok(CorsOrigins::None);
+    }
+    if origins.iter().any(|o| o == "*") {
+        if origins.len() > 1 {
+            return Err(invalid(
+                "server.cors_origins",
+                "\"*\" cannot be combined with other origins",
+            ));
+        }
+        return Ok(CorsOrigins::Any);
+    }
+    for origin in origins {
+        let valid = (origin.starts_with("http://") || origin.starts_with("https://"))
+            && !origin.ends_with('/')
+            && origin.split("://").nth(1).is_some_and(|host| !host.is_empty() && !host.contains('/'));
+        if !valid {
+            return Err(invalid(
+                "server.cors_origins",
+                format!("`{origin}` is not an origin like https://app.example.com"),
+            ));
+        }
+    }
+    Ok(CorsOrigins::List(origins.to_vec()))
+}
+
+fn parse_table(text: &str, origin: &str) -> Result<Table, ConfigError> {
+    text.parse::<Table>().map_err(|e| ConfigError::Parse {
+        origin: origin.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// Overlays `overlay` onto `base`: tables merge key by key, anything else replaces.
+fn merge(base: &mut Table, overlay: Table) {
+    for (key, value) in overlay {
+        match (base.get_mut(&key), value) {
+            (Some(Value::Table(base_table)), Value::Table(overlay_table)) => {
+                merge(base_table, overlay_table)
+            }
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Applies `CHORUS__SECTION__KEY=value` variables. A value is read as the type the default has
+/// at that key (so `CHORUS__AUTH__JWT_SECRET=123` stays a string); keys without a default are
+/// read as a TOML literal when they parse as one, else as a string.
+fn apply_env<I>(merged: &mut Table, defaults: &Table, env: I) -> Result<(), ConfigError>
+where
+    I: IntoIterator<Item = (String, String)>,
+{
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect();
+    vars.sort();
+    for (var, raw_value) in vars {
+        let path: Vec<String> = var[ENV_PREFIX.len()..]
+            .split("__")
+            .map(|s| s.to_ascii_lowercase())
+            .collect();
+        if path.iter().any(String::is_empty) {
+            return Err(ConfigError::Env {
+                var,
+                message: "empty key segment (use CHORUS__SECTION__KEY)".into(),
+            });
+        }
+        let default = lookup(defaults, &path);
+        let value = typed_env_value(&raw_value, default).map_err(|message| ConfigError::Env {
+            var: var.clone(),
+            message,
+        })?;
+        insert_path(merged, &path, value).map_err(|message| ConfigError::Env {
+            var: var.clone(),
+            message,
+        })?;
+    }
+    Ok(())
+}
+
+fn lookup<'a>(table: &'a Table, path: &[String]) -> Option<&'a Value> {
+    let (first, rest) = path.split_first()?;
+    let value = table.get(first)?;
+    if rest.is_empty() {
+        return Some(value);
+    }
+    match value {
+        Value::Table(t) => lookup(t, rest),
+        _ => None,
+    }
+}
+
+fn parse_literal(raw: &str) -> Option<Value> {
+    format!("v = {raw}")
+        .parse::<Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+}
+
+fn typed_env_value(raw: &str, default: Option<&Value>) -> Result<Value, String> {
+    match default {
+        Some(Value::String(_)) => Ok(Value::String(raw.to_owned())),
+        Some(Value::Integer(_)) => raw
+            .trim()
+            .parse::<i64>()
+            .map(Value::Integer)
+            .map_err(|_| format!("`{raw}` is not an integer")),
+        Some(Value::Float(_)) => raw
+            .trim()
+            .parse::<f64>()
+            .map(Value::Float)
+            .map_err(|_| format!("`{raw}` is not a number")),
+        Some(Value::Boolean(_)) => match raw.trim() {
+            "true" | "1" => Ok(Value::Boolean(true)),
+            "false" | "0" => Ok(Value::Boolean(false)),
+            _ => Err(format!("`{raw}` is not a boolean (true/false)")),
+        },
+        Some(Value::Array(_)) => match parse_literal(raw) {
+            Some(array @ Value::Array(_)) => Ok(array),
+            // Comma-separated shorthand: CHORUS__SERVER__CORS_ORIGINS=https://a,https://b
+            _ => Ok(Value::Array(
+                raw.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| Value::String(s.to_owned()))
+                    .collect(),
+            )),
+        },
+        Some(Value::Table(_)) => Err("names a section, not a key".into()),
+        Some(Value::Datetime(_)) | None => {
+            Ok(parse_literal(raw).unwrap_or_else(|| Value::String(raw.to_owned())))
+        }
+    }
+}
+
+fn insert_path(table: &mut Table, path: &[String], value: Value) -> Result<(), String> {
+    let Some((first, rest)) = path.split_first() else {
+        return Err("empty key".into());
+    };
+    if rest.is_empty() {
+        table.insert(first.clone(), value);
+        return Ok(());
+    }
+    let entry = table
+        .entry(first.clone())
+        .or_insert_with(|| Value::Table(Table::new()));
+    match entry {
+        Value::Table(inner) => insert_path(inner, rest, value),
+        _ => Err(format!("`{first}` is a key, not a section")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn error_text(result: Result<Config, ConfigError>) -> String {
+        match result {
+            Ok(_) => panic!("expected a config error"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn defaults_load_and_match_the_documented_values() {
+        let config = Config::load(None, env(&[])).unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("./data"));
+        assert_eq!(config.server.bind.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.auth.algorithm, JwtAlgorithm::Hs256);
+        assert!(config.auth.secret.is_none());
+        assert!(matches!(config.store, StoreConfig::Sqlite { ref path } if path == &PathBuf::from("./data/chorus.db")));
+        assert_eq!(config.server.cors, CorsOrigins::None);
+    }
+
+    #[test]
+    fn file_then_env_override_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "data_dir = \"/srv/a\"\n[server]\nbind = \"0.0.0.0:1\"\n").unwrap();
+        let config = Config::load(
+            Some(&file),
+            env(&[
+                ("CHORUS__SERVER__BIND", "127.0.0.1:9000"),
+                ("CHORUS__AUTH__JWT_SECRET", "12345678901234567890123456789012"),
+                ("CHORUS__SERVER__CORS_ORIGINS", "https://a.example,https://b.example"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("/srv/a"));
+        assert_eq!(config.server.bind.to_string(), "127.0.0.1:9000");
+        // A numeric-looking secret stays a string because the default is a string.
+        assert_eq!(
+            config.auth.secret.as_ref().map(Secret::expose),
+            Some("12345678901234567890123456789012")
+        );
+        assert_eq!(
+            config.server.cors,
+            CorsOrigins::List(vec!["https://a.example".into(), "https://b.example".into()])
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let text = error_text(Config::load(None, env(&[("CHORUS__SERVER__BINDD", "x")])));
+        assert!(text.contains("server"), "{text}");
+        assert!(text.contains("bindd"), "{text}");
+        let text = error_text(Config::load(None, env(&[("CHORUS__NOPE__X", "1")])));
+        assert!(text.contains("nope"), "{text}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let text = error_text(Config::load(None, env(&[("CHORUS__SERVER__BIND", "nowhere")])));
+        assert!(text.contains("server.bind"), "{text}");
+        let text = error_text(Config::load(
+            None,
+            env(&[("CHORUS__SERVER__BODY_LIMIT_BYTES", "lots")]),
+        ));
+        assert!(text.contains("CHORUS__SERVER__BODY_LIMIT_BYTES"), "{text}");
+        let text = error_text(Config::load(None, env(&[("CHORUS__STORE__KIND", "oracle")])));
+        assert!(text.contains("store.kind"), "{text}");
+        let text = error_text(Config::load(None, env(&[("CHORUS__AUTH__JWT_SECRET", "short")])));
+        assert!(text.contains("auth.jwt_secret"), "{text}");
+        let text = error_text(Config::load(
+            None,
+            env(&[("CHORUS__AUTH__JWT_ALGORITHM", "RS256")]),
+        ));
+        assert!(text.contains("auth.jwt_private_key_file"), "{text}");
+    }
+
+    #[test]
+    fn file_type_errors_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[limits]\napi_keys_per_user = \"many\"\n").unwrap();
+        let text = error_text(Config::load(Some(&file), env(&[])));
+        assert!(text.contains("limits.api_keys_per_user"), "{text}");
+    }
+
+    #[test]
+    fn redacted_output_hides_the_secret() {
+        let config = Config::load(
+            None,
+            env(&[("CHORUS__AUTH__JWT_SECRET", "a-very-secret-value-of-32-bytes!!")]),
+        )
+        .unwrap();
+        let printed = config.to_redacted_toml().unwrap();
+        assert!(!printed.contains("a-very-secret"), "{printed}");
+        assert!(printed.contains("<redacted>"), "{printed}");
+        assert!(!format!("{config:?}").contains("a-very-secret"));
+    }
+}

@@ -1,0 +1,206 @@
+//! The one error type of the native API and its one mapping to HTTP (API.md, Conventions).
+//!
+//! Handlers return `Result<Response, ApiError>`; [`ApiError::into_response`] writes the envelope
+//! `{"error": {code, message, details, request_id}}`. Internal causes are logged with their full
+//! chain; the body only says what a client can act on.
+
+use std::time::Duration;
+
+use chorus_actors::quota::Decision;
+use chorus_actors::session::SessionError;
+use chorus_actors::store::StoreError;
+use serde_json::{Value, json};
+use warp::http::{HeaderValue, StatusCode};
+use warp::reply::Response;
+
+use crate::auth::AuthError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    Validation,
+    Unauthenticated,
+    Forbidden,
+    NotFound,
+    Conflict,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    RateLimited,
+    Unavailable,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Validation => "VALIDATION_ERROR",
+            ErrorCode::Unauthenticated => "UNAUTHENTICATED",
+            ErrorCode::Forbidden => "FORBIDDEN",
+            ErrorCode::NotFound => "NOT_FOUND",
+            ErrorCode::Conflict => "CONFLICT",
+            ErrorCode::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            ErrorCode::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
+            ErrorCode::RateLimited => "RATE_LIMITED",
+            ErrorCode::Unavailable => "UNAVAILABLE",
+            ErrorCode::Internal => "INTERNAL",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorCode::Validation => StatusCode::BAD_REQUEST,
+            ErrorCode::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::Conflict => StatusCode::CONFLICT,
+            ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub details: Option<Value>,
+    /// Set for 429s: becomes `Retry-After` and the `X-RateLimit-*` headers.
+    pub rate_limit: Option<Decision>,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            message: message.into(),
+            details: None,
+            rate_limit: None,
+        }
+    }
+
+    pub fn with_details(mut self, details: Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+
+    pub fn validation(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Validation, message)
+    }
+
+    /// A validation error about one named field.
+    pub fn field(field: &str, message: impl Into<String>) -> Self {
+        let message = message.into();
+        Self::new(ErrorCode::Validation, format!("{field}: {message}"))
+            .with_details(json!({ "field": field }))
+    }
+
+    pub fn unauthenticated(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Unauthenticated, message)
+    }
+
+    pub fn not_found(what: &str) -> Self {
+        Self::new(ErrorCode::NotFound, format!("{what} not found"))
+    }
+
+    pub fn rate_limited(decision: Decision, message: impl Into<String>) -> Self {
+        ApiError {
+            rate_limit: Some(decision),
+            ..Self::new(ErrorCode::RateLimited, message)
+        }
+    }
+
+    /// Logs the cause chain and answers a generic 500.
+    pub fn internal(context: &str, cause: &dyn std::error::Error) -> Self {
+        tracing::error!(error = %error_chain(cause), "{context}");
+        Self::new(ErrorCode::Internal, "internal error")
+    }
+
+    pub fn into_response(self, request_id: &str) -> Response {
+        let body = json!({
+            "error": {
+                "code": self.code.as_str(),
+                "message": self.message,
+                "details": self.details,
+                "request_id": request_id,
+            }
+        });
+        let mut response =
+            warp::reply::with_status(warp::reply::json(&body), self.code.status()).into_response();
+        if let Some(decision) = self.rate_limit {
+            set_rate_limit_headers(&mut response, &decision);
+            let retry = decision.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            response
+                .headers_mut()
+                .insert("retry-after", HeaderValue::from(retry));
+        }
+        response
+    }
+}
+
+use warp::Reply as _;
+
+/// `X-RateLimit-Limit/Remaining/Reset` (reset in seconds until the bucket is full).
+pub fn set_rate_limit_headers(response: &mut Response, decision: &Decision) {
+    let headers = response.headers_mut();
+    headers.insert("x-ratelimit-limit", HeaderValue::from(decision.limit));
+    headers.insert("x-ratelimit-remaining", HeaderValue::from(decision.remaining));
+    headers.insert(
+        "x-ratelimit-reset",
+        HeaderValue::from(ceil_secs(decision.reset_after)),
+    );
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs_f64().ceil() as u64
+}
+
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Conflict(what) => ApiError::new(ErrorCode::Conflict, what),
+            other => ApiError::internal("store error", &other),
+        }
+    }
+}
+
+impl From<SessionError> for ApiError {
+    fn from(error: SessionError) -> Self {
+        match error {
+            SessionError::NotFound => ApiError::new(ErrorCode::NotFound, "not found"),
+            SessionError::Store(store) => store.into(),
+            SessionError::Conflict(what) => ApiError::new(ErrorCode::Conflict, what),
+            unavailable @ SessionError::Unavailable(_) => {
+                tracing::warn!(error = %unavailable, "user session unavailable");
+                ApiError::new(ErrorCode::Unavailable, "temporarily unavailable, retry shortly")
+            }
+        }
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(error: AuthError) -> Self {
+        match error {
+            AuthError::MissingToken => ApiError::unauthenticated("missing bearer token"),
+            AuthError::Expired => ApiError::unauthenticated("access token expired"),
+            AuthError::InvalidToken(why) => {
+                ApiError::unauthenticated(format!("invalid access token: {why}"))
+            }
+            other @ (AuthError::Keys(_) | AuthError::Hashing(_)) => {
+                ApiError::internal("auth error", &other)
+            }
+        }
+    }
+}

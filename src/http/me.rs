@@ -1,0 +1,175 @@
+//! `/api/v1/me*`: the caller's profile, usage and API keys.
+
+use chorus_actors::session::ProfilePatch;
+use chorus_actors::store::ApiKey;
+use chrono::{Datelike, Utc};
+use serde::Deserialize;
+use serde_json::json;
+use uuid::Uuid;
+use warp::http::StatusCode;
+use warp::reply::Response;
+
+use super::context::{Body, Ctx, json_response, no_content};
+use super::error::ApiError;
+use super::patch::double_option;
+use super::validate;
+use super::views::{ApiKeyView, UserView};
+use crate::auth::tokens;
+
+pub async fn get_me(ctx: Ctx) -> Result<Response, ApiError> {
+    let principal = ctx.authenticate()?;
+    let user = ctx
+        .state
+        .store
+        .get_user(principal.user_id)
+        .await?
+        .ok_or_else(|| ApiError::unauthenticated("account no longer exists"))?;
+    Ok(json_response(StatusCode::OK, &json!({ "user": UserView::from(&user) })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchMeBody {
+    #[serde(default, deserialize_with = "double_option")]
+    display_name: Option<Option<String>>,
+    #[serde(default)]
+    settings: Option<SettingsPatchBody>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SettingsPatchBody {
+    #[serde(default, deserialize_with = "double_option")]
+    default_model: Option<Option<String>>,
+    #[serde(default, deserialize_with = "double_option")]
+    temperature: Option<Option<f64>>,
+    #[serde(default, deserialize_with = "double_option")]
+    system_prompt: Option<Option<String>>,
+}
+
+pub async fn patch_me(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
+    let principal = ctx.authenticate()?;
+    let body: PatchMeBody = ctx.json(body).await?;
+    let limits = &ctx.state.config.limits;
+    let mut patch = ProfilePatch::default();
+    if let Some(name) = body.display_name {
+        patch.display_name = Some(validate::optional_text("display_name", name, limits.name_max_chars)?);
+    }
+    if let Some(settings) = body.settings {
+        if let Some(model) = settings.default_model {
+            patch.default_model = Some(validate::model("settings.default_model", model)?);
+        }
+        if let Some(temperature) = settings.temperature {
+            if let Some(t) = temperature
+                && !(0.0..=2.0).contains(&t)
+            {
+                return Err(ApiError::field("settings.temperature", "must be between 0 and 2"));
+            }
+            patch.temperature = Some(temperature);
+        }
+        if let Some(prompt) = settings.system_prompt {
+            patch.system_prompt = Some(validate::optional_text(
+                "settings.system_prompt",
+                prompt,
+                limits.system_prompt_max_chars,
+            )?);
+        }
+    }
+    let user = ctx
+        .state
+        .sessions
+        .update_profile(principal.user_id, patch)
+        .await
+        .map_err(|e| match e {
+            chorus_actors::session::SessionError::NotFound => {
+                ApiError::unauthenticated("account no longer exists")
+            }
+            other => other.into(),
+        })?;
+    Ok(json_response(StatusCode::OK, &json!({ "user": UserView::from(&user) })))
+}
+
+/// The calendar month in UTC, e.g. `2026-11`: the period of monthly counters.
+pub fn current_period() -> String {
+    let now = Utc::now();
+    format!("{:04}-{:02}", now.year(), now.month())
+}
+
+pub async fn get_usage(ctx: Ctx) -> Result<Response, ApiError> {
+    let principal = ctx.authenticate()?;
+    let period = current_period();
+    let used = ctx.state.store.get_usage(principal.user_id, &period).await?;
+    // Cost is counted in micro-dollars so the counter stays an exact integer.
+    let cost_usd = used.get("cost_micro_usd").copied().unwrap_or(0) as f64 / 1_000_000.0;
+    let counters: serde_json::Map<String, serde_json::Value> = used
+        .into_iter()
+        .filter(|(kind, _)| kind != "cost_micro_usd")
+        .map(|(kind, value)| (kind, json!(value)))
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "period": period,
+            "tier": principal.claims.tier,
+            // Tier limits arrive with config/tiers.toml (the quota issue); until then no limit
+            // is enforced and none is reported.
+            "limits": {},
+            "used": counters,
+            "cost_usd": cost_usd,
+        }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateApiKeyBody {
+    name: String,
+}
+
+pub async fn create_api_key(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
+    let principal = ctx.authenticate()?;
+    let body: CreateApiKeyBody = ctx.json(body).await?;
+    let limits = &ctx.state.config.limits;
+    let name = validate::optional_text("name", Some(body.name), limits.name_max_chars)?
+        .ok_or_else(|| ApiError::field("name", "must not be empty"))?;
+    let key = tokens::new_api_key();
+    let row = ApiKey {
+        id: Uuid::now_v7(),
+        key_hash: tokens::hash_secret(&key),
+        user_id: principal.user_id,
+        name,
+        scopes: vec!["chat".into()],
+        created_at: Utc::now(),
+        last_used_at: None,
+    };
+    let row = ctx
+        .state
+        .sessions
+        .create_api_key(principal.user_id, row, limits.api_keys_per_user)
+        .await?;
+    let mut view = serde_json::to_value(ApiKeyView::from(&row))
+        .map_err(|e| ApiError::internal("serializing api key", &e))?;
+    view["key"] = json!(key);
+    Ok(json_response(StatusCode::CREATED, &view))
+}
+
+pub async fn list_api_keys(ctx: Ctx) -> Result<Response, ApiError> {
+    let principal = ctx.authenticate()?;
+    let keys = ctx.state.store.list_api_keys(principal.user_id).await?;
+    let views: Vec<ApiKeyView> = keys.iter().map(ApiKeyView::from).collect();
+    Ok(json_response(StatusCode::OK, &json!({ "api_keys": views })))
+}
+
+pub async fn delete_api_key(ctx: Ctx, key_id: String) -> Result<Response, ApiError> {
+    let principal = ctx.authenticate()?;
+    let key_id = Uuid::parse_str(&key_id).map_err(|_| ApiError::not_found("api key"))?;
+    ctx.state
+        .sessions
+        .delete_api_key(principal.user_id, key_id)
+        .await
+        .map_err(|e| match e {
+            chorus_actors::session::SessionError::NotFound => ApiError::not_found("api key"),
+            other => other.into(),
+        })?;
+    Ok(no_content())
+}

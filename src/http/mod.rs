@@ -1,0 +1,212 @@
+//! The HTTP edge (warp 0.4): routes of API.md, one error envelope, CORS, request ids.
+//!
+//! Each route matches path and method, then hands a [`Ctx`] (and the body, for writes) to its
+//! handler through [`respond`]. Anything no route matched gets the envelope's 404 from the last,
+//! catch-all route, so every response — errors included — carries `X-Request-Id`.
+
+mod auth_routes;
+pub mod context;
+pub mod error;
+mod me;
+mod ops;
+mod patch;
+mod threads;
+mod validate;
+mod views;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use warp::Filter;
+use warp::filters::BoxedFilter;
+use warp::http::{HeaderValue, Method};
+use warp::reply::Response;
+
+use crate::app::AppState;
+use crate::config::CorsOrigins;
+use context::{Body, Ctx, body, respond};
+use error::{ApiError, ErrorCode};
+
+/// Every route of the native API, with CORS applied and rejections answered in the envelope.
+pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
+    let cors = state.config.server.cors.clone();
+    let ctx = context::ctx(state);
+
+    let ops = warp::path!("healthz")
+        .and(warp::get())
+        .and(ctx.clone())
+        .then(|c| respond(c, ops::healthz))
+        .or(warp::path!("readyz")
+            .and(warp::get())
+            .and(ctx.clone())
+            .then(|c| respond(c, ops::readyz)))
+        .unify()
+        .boxed();
+
+    let auth = warp::path!("api" / "v1" / "auth" / "register")
+        .and(warp::post())
+        .and(ctx.clone())
+        .and(body())
+        .then(|c, b| with_body(c, b, auth_routes::register))
+        .or(warp::path!("api" / "v1" / "auth" / "login")
+            .and(warp::post())
+            .and(ctx.clone())
+            .and(body())
+            .then(|c, b| with_body(c, b, auth_routes::login)))
+        .unify()
+        .or(warp::path!("api" / "v1" / "auth" / "refresh")
+            .and(warp::post())
+            .and(ctx.clone())
+            .and(body())
+            .then(|c, b| with_body(c, b, auth_routes::refresh)))
+        .unify()
+        .or(warp::path!("api" / "v1" / "auth" / "logout")
+            .and(warp::post())
+            .and(ctx.clone())
+            .and(body())
+            .then(|c, b| with_body(c, b, auth_routes::logout)))
+        .unify()
+        .boxed();
+
+    let me = warp::path!("api" / "v1" / "me")
+        .and(warp::get())
+        .and(ctx.clone())
+        .then(|c| respond(c, me::get_me))
+        .or(warp::path!("api" / "v1" / "me")
+            .and(warp::patch())
+            .and(ctx.clone())
+            .and(body())
+            .then(|c, b| with_body(c, b, me::patch_me)))
+        .unify()
+        .or(warp::path!("api" / "v1" / "me" / "usage")
+            .and(warp::get())
+            .and(ctx.clone())
+            .then(|c| respond(c, me::get_usage)))
+        .unify()
+        .or(warp::path!("api" / "v1" / "me" / "api-keys")
+            .and(warp::post())
+            .and(ctx.clone())
+            .and(body())
+            .then(|c, b| with_body(c, b, me::create_api_key)))
+        .unify()
+        .or(warp::path!("api" / "v1" / "me" / "api-keys")
+            .and(warp::get())
+            .and(ctx.clone())
+            .then(|c| respond(c, me::list_api_keys)))
+        .unify()
+        .or(warp::path!("api" / "v1" / "me" / "api-keys" / String)
+            .and(warp::delete())
+            .and(ctx.clone())
+            .then(|id, c| respond(c, move |c| me::delete_api_key(c, id))))
+        .unify()
+        .boxed();
+
+    let threads = warp::path!("api" / "v1" / "threads")
+        .and(warp::get())
+        .and(ctx.clone())
+        .then(|c| respond(c, threads::list))
+        .or(warp::path!("api" / "v1" / "threads")
+            .and(warp::post())
+            .and(ctx.clone())
+            .and(body())
+            .then(|c, b| with_body(c, b, threads::create)))
+        .unify()
+        .or(warp::path!("api" / "v1" / "threads" / String)
+            .and(warp::get())
+            .and(ctx.clone())
+            .then(|id, c| respond(c, move |c| threads::get(c, id))))
+        .unify()
+        .or(warp::path!("api" / "v1" / "threads" / String)
+            .and(warp::patch())
+            .and(ctx.clone())
+            .and(body())
+            .then(|id, c, b| respond(c, move |c| threads::patch(c, id, b))))
+        .unify()
+        .or(warp::path!("api" / "v1" / "threads" / String)
+            .and(warp::delete())
+            .and(ctx.clone())
+            .then(|id, c| respond(c, move |c| threads::delete(c, id))))
+        .unify()
+        .or(warp::path!("api" / "v1" / "threads" / String / "messages")
+            .and(warp::get())
+            .and(ctx.clone())
+            .then(|id, c| respond(c, move |c| threads::list_messages(c, id))))
+        .unify()
+        .boxed();
+
+    let fallback = ctx.then(|c: Ctx| {
+        respond(c, |c| async move {
+            Err::<Response, _>(ApiError::new(
+                ErrorCode::NotFound,
+                format!("no route for {} {}", c.method, c.path),
+            ))
+        })
+    });
+
+    let app = ops.or(auth).unify().or(me).unify().or(threads).unify().or(fallback).unify();
+
+    match cors_filter(&cors) {
+        Some(cors) => app
+            .with(cors)
+            .map(warp::Reply::into_response)
+            .recover(answer_rejection)
+            .unify()
+            .boxed(),
+        None => app.recover(answer_rejection).unify().boxed(),
+    }
+}
+
+async fn with_body<F, Fut>(ctx: Ctx, body: Body, handler: F) -> Response
+where
+    F: FnOnce(Ctx, Body) -> Fut,
+    Fut: std::future::Future<Output = Result<Response, ApiError>>,
+{
+    respond(ctx, move |c| handler(c, body)).await
+}
+
+fn cors_filter(origins: &CorsOrigins) -> Option<warp::cors::Builder> {
+    let builder = warp::cors()
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+        ])
+        .allow_headers(["authorization", "content-type", "x-request-id", "last-event-id"])
+        .expose_headers([
+            "x-request-id",
+            "retry-after",
+            "x-ratelimit-limit",
+            "x-ratelimit-remaining",
+            "x-ratelimit-reset",
+        ])
+        .max_age(600);
+    match origins {
+        CorsOrigins::None => None,
+        CorsOrigins::Any => Some(builder.allow_any_origin()),
+        CorsOrigins::List(list) => Some(builder.allow_origins(list.iter().map(String::as_str))),
+    }
+}
+
+/// Only CORS refusals (a preflight from an origin or with a header not allowed) reach here:
+/// every route answers its own errors, and the catch-all matches everything else.
+async fn answer_rejection(rejection: warp::Rejection) -> Result<Response, Infallible> {
+    let request_id = uuid::Uuid::now_v7().to_string();
+    let error = if rejection.find::<warp::cors::CorsForbidden>().is_some() {
+        ApiError::new(ErrorCode::Forbidden, "CORS request not allowed for this origin")
+    } else {
+        tracing::warn!(?rejection, "unhandled rejection");
+        ApiError::new(ErrorCode::NotFound, "not found")
+    };
+    let mut response = error.into_response(&request_id);
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    Ok(response)
+}
+
+/// Email validation shared with the CLI (`chorus user create`).
+pub fn validate_email(raw: &str) -> anyhow::Result<String> {
+    validate::email(raw).map_err(|e| anyhow::anyhow!(e.message))
+}
