@@ -15,10 +15,12 @@ use chorus_actors::Node;
 use chorus_actors::quota::{KeyedLimiter, LimitSpec};
 use chorus_actors::session::Sessions;
 use chorus_actors::store::{SqliteStore, Store};
+use chorus_cluster::{NodeId, Placement};
 use tokio::net::TcpListener;
 
 use crate::auth::JwtKeys;
 use crate::auth::jwt::load_or_create_dev_secret;
+use crate::auth::sealing::ProviderKeyCipher;
 use crate::config::{Config, StoreConfig};
 use crate::http;
 
@@ -27,7 +29,10 @@ pub struct AppState {
     pub config: Config,
     pub store: Arc<dyn Store>,
     pub sessions: Sessions,
+    /// Which node is each user's home (a cluster of one until the cluster issue).
+    pub placement: Placement,
     pub jwt: JwtKeys,
+    pub provider_keys: ProviderKeyCipher,
     pub limiters: Limiters,
     pub metrics: Arc<EdgeMetrics>,
     /// Set when shutdown begins, so `/readyz` turns 503 while in-flight requests drain.
@@ -80,6 +85,23 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     }
 }
 
+/// The cipher for users' provider keys; without a configured secret, a dev one in the data dir.
+pub fn provider_key_cipher(config: &Config) -> anyhow::Result<ProviderKeyCipher> {
+    let secret = match &config.auth.provider_keys_secret {
+        Some(secret) => secret.expose().as_bytes().to_vec(),
+        None => {
+            tracing::warn!(
+                path = %config.data_dir.join("provider-keys-secret").display(),
+                "no auth.provider_keys_secret configured: sealing users' provider keys with a \
+                 generated DEV secret kept in the data dir. Set CHORUS__AUTH__PROVIDER_KEYS_SECRET \
+                 (32+ bytes) in production."
+            );
+            load_or_create_dev_secret(&config.data_dir, "provider-keys-secret")?
+        }
+    };
+    Ok(ProviderKeyCipher::from_secret(&secret)?)
+}
+
 /// Signing keys from config; without a configured HS256 secret, the dev secret in the data dir.
 pub fn jwt_keys(config: &Config) -> anyhow::Result<JwtKeys> {
     let dev_secret = if config.auth.secret.is_none()
@@ -90,7 +112,7 @@ pub fn jwt_keys(config: &Config) -> anyhow::Result<JwtKeys> {
             "no auth.jwt_secret configured: signing tokens with a generated DEV secret kept in the \
              data dir. Set CHORUS__AUTH__JWT_SECRET (32+ bytes) in production."
         );
-        Some(load_or_create_dev_secret(&config.data_dir)?)
+        Some(load_or_create_dev_secret(&config.data_dir, "jwt-secret")?)
     } else {
         None
     };
@@ -109,6 +131,7 @@ impl Application {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
         let jwt = jwt_keys(&config)?;
+        let provider_keys = provider_key_cipher(&config)?;
         let store = open_store(&config).await?;
         let node = Node::start(store.clone(), config.sessions.clone()).await?;
         let listener = TcpListener::bind(config.server.bind)
@@ -123,11 +146,14 @@ impl Application {
                 config.limits.login_failures_per_account_per_minute,
             )),
         };
+        let node_name = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
         let state = Arc::new(AppState {
             sessions: node.sessions.clone(),
+            placement: Placement::single_node(NodeId::new(node_name)),
             config,
             store,
             jwt,
+            provider_keys,
             limiters,
             metrics: Arc::new(EdgeMetrics::default()),
             shutting_down: AtomicBool::new(false),

@@ -80,7 +80,10 @@ enum UserCommand {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return fail(&anyhow::Error::from(e)),
     };
@@ -171,10 +174,18 @@ async fn migrate(args: ConfigArg) -> anyhow::Result<()> {
         .context("running migrations")??;
     let mut out = std::io::stdout().lock();
     if report.applied.is_empty() {
-        writeln!(out, "schema is up to date at version {}", report.current_version)?;
+        writeln!(
+            out,
+            "schema is up to date at version {}",
+            report.current_version
+        )?;
     } else {
         for migration in &report.applied {
-            writeln!(out, "applied migration {}: {}", migration.version, migration.name)?;
+            writeln!(
+                out,
+                "applied migration {}: {}",
+                migration.version, migration.name
+            )?;
         }
         writeln!(out, "schema is now at version {}", report.current_version)?;
     }
@@ -205,7 +216,9 @@ async fn user_create(
     let user = User {
         id: Uuid::now_v7(),
         email,
-        display_name: display_name.map(|d| d.trim().to_owned()).filter(|d| !d.is_empty()),
+        display_name: display_name
+            .map(|d| d.trim().to_owned())
+            .filter(|d| !d.is_empty()),
         password_hash: password::hash_password(password_text).await?,
         tier: "free".into(),
         role: if admin { Role::Admin } else { Role::User },

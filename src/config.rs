@@ -59,7 +59,11 @@ impl Secret {
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() { "\"\"" } else { "<redacted>" })
+        f.write_str(if self.0.is_empty() {
+            "\"\""
+        } else {
+            "<redacted>"
+        })
     }
 }
 
@@ -104,6 +108,7 @@ pub struct RawAuth {
     pub jwt_issuer: String,
     pub access_token_ttl_secs: u64,
     pub refresh_token_ttl_secs: u64,
+    pub provider_keys_secret: Secret,
     pub password_min_chars: usize,
     pub password_max_chars: usize,
 }
@@ -196,6 +201,8 @@ pub struct AuthConfig {
     pub issuer: String,
     pub access_ttl: Duration,
     pub refresh_ttl: Duration,
+    /// `None` means "generate a dev secret in the data dir".
+    pub provider_keys_secret: Option<Secret>,
     pub password_min_chars: usize,
     pub password_max_chars: usize,
 }
@@ -234,15 +241,18 @@ impl Config {
             merge(&mut merged, overlay);
         }
         apply_env(&mut merged, &defaults, env)?;
-        let raw: RawConfig = serde_path_to_error::deserialize(Value::Table(merged)).map_err(
-            |err| {
+        let raw: RawConfig =
+            serde_path_to_error::deserialize(Value::Table(merged)).map_err(|err| {
                 let path = err.path().to_string();
                 ConfigError::Invalid {
-                    key: if path == "." { "(top level)".into() } else { path },
+                    key: if path == "." {
+                        "(top level)".into()
+                    } else {
+                        path
+                    },
                     message: err.into_inner().to_string(),
                 }
-            },
-        )?;
+            })?;
         Config::validate(raw)
     }
 
@@ -280,19 +290,31 @@ impl Config {
         };
 
         if raw.sessions.idle_timeout_secs == 0 {
-            return Err(invalid("sessions.idle_timeout_secs", "must be greater than 0"));
+            return Err(invalid(
+                "sessions.idle_timeout_secs",
+                "must be greater than 0",
+            ));
         }
         if raw.sessions.call_timeout_secs == 0 {
-            return Err(invalid("sessions.call_timeout_secs", "must be greater than 0"));
+            return Err(invalid(
+                "sessions.call_timeout_secs",
+                "must be greater than 0",
+            ));
         }
         for (key, value) in [
-            ("limits.auth_per_ip_per_minute", raw.limits.auth_per_ip_per_minute as usize),
+            (
+                "limits.auth_per_ip_per_minute",
+                raw.limits.auth_per_ip_per_minute as usize,
+            ),
             (
                 "limits.login_failures_per_account_per_minute",
                 raw.limits.login_failures_per_account_per_minute as usize,
             ),
             ("limits.title_max_chars", raw.limits.title_max_chars),
-            ("limits.system_prompt_max_chars", raw.limits.system_prompt_max_chars),
+            (
+                "limits.system_prompt_max_chars",
+                raw.limits.system_prompt_max_chars,
+            ),
             ("limits.name_max_chars", raw.limits.name_max_chars),
             ("limits.api_keys_per_user", raw.limits.api_keys_per_user),
         ] {
@@ -379,13 +401,19 @@ fn validate_auth(raw: &RawAuth) -> Result<AuthConfig, ConfigError> {
             if private_key_file.is_none() {
                 return Err(invalid(
                     "auth.jwt_private_key_file",
-                    format!("required when auth.jwt_algorithm = \"{}\"", raw.jwt_algorithm),
+                    format!(
+                        "required when auth.jwt_algorithm = \"{}\"",
+                        raw.jwt_algorithm
+                    ),
                 ));
             }
             if public_key_file.is_none() {
                 return Err(invalid(
                     "auth.jwt_public_key_file",
-                    format!("required when auth.jwt_algorithm = \"{}\"", raw.jwt_algorithm),
+                    format!(
+                        "required when auth.jwt_algorithm = \"{}\"",
+                        raw.jwt_algorithm
+                    ),
                 ));
             }
         }
@@ -393,17 +421,33 @@ fn validate_auth(raw: &RawAuth) -> Result<AuthConfig, ConfigError> {
     if raw.jwt_kid.is_empty() {
         return Err(invalid("auth.jwt_kid", "must not be empty"));
     }
-    if raw.jwt_previous_public_keys.iter().any(|k| k.kid == raw.jwt_kid) {
+    if raw
+        .jwt_previous_public_keys
+        .iter()
+        .any(|k| k.kid == raw.jwt_kid)
+    {
         return Err(invalid(
             "auth.jwt_previous_public_keys",
             "a previous key reuses the current jwt_kid",
         ));
     }
     if raw.access_token_ttl_secs == 0 {
-        return Err(invalid("auth.access_token_ttl_secs", "must be greater than 0"));
+        return Err(invalid(
+            "auth.access_token_ttl_secs",
+            "must be greater than 0",
+        ));
     }
     if raw.refresh_token_ttl_secs == 0 {
-        return Err(invalid("auth.refresh_token_ttl_secs", "must be greater than 0"));
+        return Err(invalid(
+            "auth.refresh_token_ttl_secs",
+            "must be greater than 0",
+        ));
+    }
+    if !raw.provider_keys_secret.is_empty() && raw.provider_keys_secret.expose().len() < 32 {
+        return Err(invalid(
+            "auth.provider_keys_secret",
+            "must be at least 32 bytes",
+        ));
     }
     if raw.password_min_chars == 0 || raw.password_min_chars > raw.password_max_chars {
         return Err(invalid(
@@ -421,6 +465,8 @@ fn validate_auth(raw: &RawAuth) -> Result<AuthConfig, ConfigError> {
         issuer: raw.jwt_issuer.clone(),
         access_ttl: Duration::from_secs(raw.access_token_ttl_secs),
         refresh_ttl: Duration::from_secs(raw.refresh_token_ttl_secs),
+        provider_keys_secret: (!raw.provider_keys_secret.is_empty())
+            .then(|| raw.provider_keys_secret.clone()),
         password_min_chars: raw.password_min_chars,
         password_max_chars: raw.password_max_chars,
     })
@@ -442,7 +488,10 @@ fn parse_cors(origins: &[String]) -> Result<CorsOrigins, ConfigError> {
     for origin in origins {
         let valid = (origin.starts_with("http://") || origin.starts_with("https://"))
             && !origin.ends_with('/')
-            && origin.split("://").nth(1).is_some_and(|host| !host.is_empty() && !host.contains('/'));
+            && origin
+                .split("://")
+                .nth(1)
+                .is_some_and(|host| !host.is_empty() && !host.contains('/'));
         if !valid {
             return Err(invalid(
                 "server.cors_origins",
@@ -607,7 +656,9 @@ mod tests {
         assert_eq!(config.server.bind.to_string(), "127.0.0.1:8080");
         assert_eq!(config.auth.algorithm, JwtAlgorithm::Hs256);
         assert!(config.auth.secret.is_none());
-        assert!(matches!(config.store, StoreConfig::Sqlite { ref path } if path == &PathBuf::from("./data/chorus.db")));
+        assert!(
+            matches!(config.store, StoreConfig::Sqlite { ref path } if path == &PathBuf::from("./data/chorus.db"))
+        );
         assert_eq!(config.server.cors, CorsOrigins::None);
     }
 
@@ -615,13 +666,23 @@ mod tests {
     fn file_then_env_override_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
-        std::fs::write(&file, "data_dir = \"/srv/a\"\n[server]\nbind = \"0.0.0.0:1\"\n").unwrap();
+        std::fs::write(
+            &file,
+            "data_dir = \"/srv/a\"\n[server]\nbind = \"0.0.0.0:1\"\n",
+        )
+        .unwrap();
         let config = Config::load(
             Some(&file),
             env(&[
                 ("CHORUS__SERVER__BIND", "127.0.0.1:9000"),
-                ("CHORUS__AUTH__JWT_SECRET", "12345678901234567890123456789012"),
-                ("CHORUS__SERVER__CORS_ORIGINS", "https://a.example,https://b.example"),
+                (
+                    "CHORUS__AUTH__JWT_SECRET",
+                    "12345678901234567890123456789012",
+                ),
+                (
+                    "CHORUS__SERVER__CORS_ORIGINS",
+                    "https://a.example,https://b.example",
+                ),
                 ("UNRELATED", "x"),
             ]),
         )
@@ -650,16 +711,25 @@ mod tests {
 
     #[test]
     fn bad_values_are_named() {
-        let text = error_text(Config::load(None, env(&[("CHORUS__SERVER__BIND", "nowhere")])));
+        let text = error_text(Config::load(
+            None,
+            env(&[("CHORUS__SERVER__BIND", "nowhere")]),
+        ));
         assert!(text.contains("server.bind"), "{text}");
         let text = error_text(Config::load(
             None,
             env(&[("CHORUS__SERVER__BODY_LIMIT_BYTES", "lots")]),
         ));
         assert!(text.contains("CHORUS__SERVER__BODY_LIMIT_BYTES"), "{text}");
-        let text = error_text(Config::load(None, env(&[("CHORUS__STORE__KIND", "oracle")])));
+        let text = error_text(Config::load(
+            None,
+            env(&[("CHORUS__STORE__KIND", "oracle")]),
+        ));
         assert!(text.contains("store.kind"), "{text}");
-        let text = error_text(Config::load(None, env(&[("CHORUS__AUTH__JWT_SECRET", "short")])));
+        let text = error_text(Config::load(
+            None,
+            env(&[("CHORUS__AUTH__JWT_SECRET", "short")]),
+        ));
         assert!(text.contains("auth.jwt_secret"), "{text}");
         let text = error_text(Config::load(
             None,
@@ -681,7 +751,10 @@ mod tests {
     fn redacted_output_hides_the_secret() {
         let config = Config::load(
             None,
-            env(&[("CHORUS__AUTH__JWT_SECRET", "a-very-secret-value-of-32-bytes!!")]),
+            env(&[(
+                "CHORUS__AUTH__JWT_SECRET",
+                "a-very-secret-value-of-32-bytes!!",
+            )]),
         )
         .unwrap();
         let printed = config.to_redacted_toml().unwrap();

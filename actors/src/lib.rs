@@ -9,9 +9,9 @@
 //! `UserSession` (through [`session::Sessions`]) to change anything, and may read straight from
 //! the [`store::Store`].
 
-pub mod store;
 pub mod node;
 pub mod quota;
 pub mod session;
+pub mod store;
 
 pub use node::Node;

@@ -45,7 +45,10 @@ pub struct JwtKeys {
 
 impl JwtKeys {
     /// Builds the keys from config. `dev_secret` is used for HS256 when no secret is configured.
-    pub fn from_config(config: &AuthConfig, dev_secret: Option<&[u8]>) -> Result<JwtKeys, AuthError> {
+    pub fn from_config(
+        config: &AuthConfig,
+        dev_secret: Option<&[u8]>,
+    ) -> Result<JwtKeys, AuthError> {
         let (algorithm, encoding, current) = match config.algorithm {
             JwtAlgorithm::Hs256 => {
                 let secret = match (&config.secret, dev_secret) {
@@ -67,14 +70,17 @@ impl JwtKeys {
                 if config.algorithm == JwtAlgorithm::Rs256 {
                     (
                         Algorithm::RS256,
-                        EncodingKey::from_rsa_pem(&private).map_err(key_error("private RSA key"))?,
+                        EncodingKey::from_rsa_pem(&private)
+                            .map_err(key_error("private RSA key"))?,
                         DecodingKey::from_rsa_pem(&public).map_err(key_error("public RSA key"))?,
                     )
                 } else {
                     (
                         Algorithm::EdDSA,
-                        EncodingKey::from_ed_pem(&private).map_err(key_error("private Ed25519 key"))?,
-                        DecodingKey::from_ed_pem(&public).map_err(key_error("public Ed25519 key"))?,
+                        EncodingKey::from_ed_pem(&private)
+                            .map_err(key_error("private Ed25519 key"))?,
+                        DecodingKey::from_ed_pem(&public)
+                            .map_err(key_error("public Ed25519 key"))?,
                     )
                 }
             }
@@ -130,7 +136,9 @@ impl JwtKeys {
     pub fn verify_access(&self, token: &str) -> Result<AccessClaims, AuthError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| AuthError::InvalidToken("malformed token"))?;
-        let kid = header.kid.ok_or(AuthError::InvalidToken("token has no key id"))?;
+        let kid = header
+            .kid
+            .ok_or(AuthError::InvalidToken("token has no key id"))?;
         let key = self
             .decoding
             .get(&kid)
@@ -160,10 +168,10 @@ fn key_error(what: &'static str) -> impl Fn(jsonwebtoken::errors::Error) -> Auth
     move |e| AuthError::Keys(format!("{what}: {e}"))
 }
 
-/// Loads `<data_dir>/jwt-secret`, creating it (64 random bytes, hex, mode 0600) on first start.
+/// Loads `<data_dir>/<name>`, creating it (64 random bytes, hex, mode 0600) on first start.
 /// Only for running without a configured secret: the caller logs a warning every start.
-pub fn load_or_create_dev_secret(data_dir: &Path) -> Result<Vec<u8>, AuthError> {
-    let path = data_dir.join("jwt-secret");
+pub fn load_or_create_dev_secret(data_dir: &Path, name: &str) -> Result<Vec<u8>, AuthError> {
+    let path = data_dir.join(name);
     match std::fs::read_to_string(&path) {
         Ok(text) if text.trim().len() >= 32 => return Ok(text.trim().as_bytes().to_vec()),
         Ok(_) => {
@@ -240,7 +248,9 @@ mod tests {
     fn rejects_expired_tampered_and_foreign_tokens() {
         let keys = JwtKeys::from_config(&config(SECRET), None).unwrap();
         let user = user();
-        let old = keys.issue_access(&user, Utc::now().timestamp() - 3600).unwrap();
+        let old = keys
+            .issue_access(&user, Utc::now().timestamp() - 3600)
+            .unwrap();
         assert!(matches!(keys.verify_access(&old), Err(AuthError::Expired)));
 
         let token = keys.issue_access(&user, Utc::now().timestamp()).unwrap();
@@ -252,16 +262,111 @@ mod tests {
         parts[1] = &forged_claims;
         assert!(keys.verify_access(&parts.join(".")).is_err());
 
-        let other = JwtKeys::from_config(&config("another-secret-of-at-least-32-bytes!"), None).unwrap();
+        let other =
+            JwtKeys::from_config(&config("another-secret-of-at-least-32-bytes!"), None).unwrap();
         assert!(other.verify_access(&token).is_err());
         assert!(keys.verify_access("not.a.jwt").is_err());
+    }
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/jwt")
+            .join(name)
+    }
+
+    fn key_file_config(algorithm: JwtAlgorithm, kid: &str, key: &str) -> AuthConfig {
+        let mut auth = Config::load(None, Vec::new()).unwrap().auth;
+        auth.algorithm = algorithm;
+        auth.secret = None;
+        auth.kid = kid.into();
+        auth.private_key_file = Some(fixture(&format!("{key}.pem")));
+        auth.public_key_file = Some(fixture(&format!("{key}.pub.pem")));
+        auth
+    }
+
+    #[test]
+    fn rs256_and_eddsa_sign_with_key_files_and_name_the_kid() {
+        for (algorithm, key, alg) in [
+            (JwtAlgorithm::Rs256, "rsa-k1", Algorithm::RS256),
+            (JwtAlgorithm::EdDsa, "ed25519-k1", Algorithm::EdDSA),
+        ] {
+            let keys = JwtKeys::from_config(&key_file_config(algorithm, "k1", key), None).unwrap();
+            let user = user();
+            let token = keys.issue_access(&user, Utc::now().timestamp()).unwrap();
+            let header = jsonwebtoken::decode_header(&token).unwrap();
+            assert_eq!(header.alg, alg);
+            assert_eq!(header.kid.as_deref(), Some("k1"));
+            assert_eq!(keys.verify_access(&token).unwrap().sub, user.id);
+            // An HS256 token is refused by an asymmetric verifier (no algorithm confusion).
+            let hs = JwtKeys::from_config(&config(SECRET), None).unwrap();
+            let hs_token = hs.issue_access(&user, Utc::now().timestamp()).unwrap();
+            assert!(keys.verify_access(&hs_token).is_err());
+        }
+    }
+
+    #[test]
+    fn rotation_keeps_tokens_of_the_previous_key_valid() {
+        let user = user();
+        let old = JwtKeys::from_config(
+            &key_file_config(JwtAlgorithm::EdDsa, "k0", "ed25519-k0"),
+            None,
+        )
+        .unwrap();
+        let old_token = old.issue_access(&user, Utc::now().timestamp()).unwrap();
+
+        let mut rotated = key_file_config(JwtAlgorithm::EdDsa, "k1", "ed25519-k1");
+        // Before the old public key is listed, its tokens are refused (unknown kid)...
+        let without_old = JwtKeys::from_config(&rotated, None).unwrap();
+        assert!(matches!(
+            without_old.verify_access(&old_token),
+            Err(AuthError::InvalidToken("unknown key id"))
+        ));
+        // ...and once listed they verify, while new tokens carry the new kid.
+        rotated.previous_public_keys = vec![crate::config::PreviousKey {
+            kid: "k0".into(),
+            file: fixture("ed25519-k0.pub.pem"),
+        }];
+        let keys = JwtKeys::from_config(&rotated, None).unwrap();
+        assert_eq!(keys.verify_access(&old_token).unwrap().sub, user.id);
+        let new_token = keys.issue_access(&user, Utc::now().timestamp()).unwrap();
+        assert_eq!(
+            jsonwebtoken::decode_header(&new_token)
+                .unwrap()
+                .kid
+                .as_deref(),
+            Some("k1")
+        );
+        assert!(keys.verify_access(&new_token).is_ok());
+        // A token whose kid names the old key but is signed by another key fails.
+        let forged_header = jsonwebtoken::Header {
+            kid: Some("k0".into()),
+            ..jsonwebtoken::Header::new(Algorithm::EdDSA)
+        };
+        let claims = keys.verify_access(&new_token).unwrap();
+        let forged = jsonwebtoken::encode(
+            &forged_header,
+            &claims,
+            &EncodingKey::from_ed_pem(&std::fs::read(fixture("ed25519-k1.pem")).unwrap()).unwrap(),
+        )
+        .unwrap();
+        assert!(keys.verify_access(&forged).is_err());
+    }
+
+    #[test]
+    fn missing_or_bad_key_files_are_errors() {
+        let mut config = key_file_config(JwtAlgorithm::Rs256, "k1", "rsa-k1");
+        config.private_key_file = Some(fixture("does-not-exist.pem"));
+        assert!(JwtKeys::from_config(&config, None).is_err());
+        // An Ed25519 key where an RSA key is expected.
+        let config = key_file_config(JwtAlgorithm::Rs256, "k1", "ed25519-k1");
+        assert!(JwtKeys::from_config(&config, None).is_err());
     }
 
     #[test]
     fn dev_secret_is_created_once_and_reused() {
         let dir = tempfile::tempdir().unwrap();
-        let first = load_or_create_dev_secret(dir.path()).unwrap();
-        let second = load_or_create_dev_secret(dir.path()).unwrap();
+        let first = load_or_create_dev_secret(dir.path(), "jwt-secret").unwrap();
+        let second = load_or_create_dev_secret(dir.path(), "jwt-secret").unwrap();
         assert_eq!(first, second);
         assert!(first.len() >= 64);
     }

@@ -6,6 +6,7 @@
 
 pub mod jwt;
 pub mod password;
+pub mod sealing;
 pub mod tokens;
 
 pub use jwt::{AccessClaims, JwtKeys};

@@ -51,8 +51,11 @@ pub async fn register(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
         limits.auth.password_min_chars,
         limits.auth.password_max_chars,
     )?;
-    let display_name =
-        validate::optional_text("display_name", body.display_name, limits.limits.name_max_chars)?;
+    let display_name = validate::optional_text(
+        "display_name",
+        body.display_name,
+        limits.limits.name_max_chars,
+    )?;
 
     let password_hash = password::hash_password(body.password).await?;
     let now = Utc::now();
@@ -67,13 +70,17 @@ pub async fn register(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
         created_at: now,
         updated_at: now,
     };
-    ctx.state.store.create_user(&user).await.map_err(|e| match e {
-        chorus_actors::store::StoreError::Conflict(_) => ApiError::new(
-            super::error::ErrorCode::Conflict,
-            "an account with this email already exists",
-        ),
-        other => other.into(),
-    })?;
+    ctx.state
+        .store
+        .create_user(&user)
+        .await
+        .map_err(|e| match e {
+            chorus_actors::store::StoreError::Conflict(_) => ApiError::new(
+                super::error::ErrorCode::Conflict,
+                "an account with this email already exists",
+            ),
+            other => other.into(),
+        })?;
     tracing::info!(user_id = %user.id, "account registered");
     let mut response = token_response(&ctx, &user, Uuid::now_v7(), StatusCode::CREATED).await?;
     super::error::set_rate_limit_headers(&mut response, &ip_decision);
@@ -144,7 +151,24 @@ pub async fn refresh(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
         .get_user(spent.user_id)
         .await?
         .ok_or_else(|| ApiError::unauthenticated("account no longer exists"))?;
-    token_response(&ctx, &user, spent.family_id, StatusCode::OK).await
+    let response = token_response(&ctx, &user, spent.family_id, StatusCode::OK).await?;
+    // A concurrent reuse of the same token (or a logout) may have revoked the family between our
+    // spend and the insert of the new token, missing it. Every revocation marks the spent parent,
+    // so checking it after the insert closes the window: either the revoker saw our new token, or
+    // we see its mark and revoke again.
+    let parent_revoked = store
+        .get_refresh_token(&hash)
+        .await?
+        .is_none_or(|parent| parent.revoked_at.is_some());
+    if parent_revoked {
+        store
+            .revoke_refresh_family(spent.user_id, spent.family_id, Utc::now())
+            .await?;
+        return Err(ApiError::unauthenticated(
+            "this login was revoked while refreshing; sign in again",
+        ));
+    }
+    Ok(response)
 }
 
 pub async fn logout(ctx: Ctx, body: Body) -> Result<Response, ApiError> {

@@ -45,15 +45,12 @@ pub struct Principal {
     pub claims: AccessClaims,
 }
 
-pub type BodyStream =
-    futures_util::stream::BoxStream<'static, Result<Bytes, warp::Error>>;
+pub type BodyStream = futures_util::stream::BoxStream<'static, Result<Bytes, warp::Error>>;
 
 /// The request body, read lazily so the size limit applies while reading.
 pub struct Body(BodyStream);
 
-pub fn ctx(
-    state: Arc<AppState>,
-) -> impl Filter<Extract = (Ctx,), Error = warp::Rejection> + Clone {
+pub fn ctx(state: Arc<AppState>) -> impl Filter<Extract = (Ctx,), Error = warp::Rejection> + Clone {
     let query = warp::query::raw()
         .map(Some)
         .or(warp::any().map(|| None))
@@ -104,7 +101,8 @@ fn request_id_from(headers: &HeaderMap) -> String {
         .filter(|v| {
             !v.is_empty()
                 && v.len() <= 128
-                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
         })
         .map(str::to_owned)
         .unwrap_or_else(|| Uuid::now_v7().to_string())
@@ -158,11 +156,18 @@ impl Ctx {
     /// An empty body decodes as `{}`, so routes whose fields are all optional accept no body.
     pub async fn json<T: DeserializeOwned>(&self, body: Body) -> Result<T, ApiError> {
         let bytes = self.read_body(body).await?;
-        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
-            b"{}"
-        } else {
-            self.require_json_content_type()?;
-            &bytes
+        let bytes: &[u8] = match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            None => b"{}",
+            Some(first) => {
+                self.require_json_content_type()?;
+                // Derived structs would also accept a JSON array as positional fields; the
+                // contract's bodies are objects.
+                if *first != b'{' && serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok()
+                {
+                    return Err(ApiError::validation("request body must be a JSON object"));
+                }
+                &bytes
+            }
         };
         let mut deserializer = serde_json::Deserializer::from_slice(bytes);
         let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {

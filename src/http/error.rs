@@ -128,6 +128,13 @@ impl ApiError {
         });
         let mut response =
             warp::reply::with_status(warp::reply::json(&body), self.code.status()).into_response();
+        if self.code == ErrorCode::PayloadTooLarge {
+            // The rest of the body was not read, so the connection cannot carry another request;
+            // say so, or a keep-alive client would send its next request into a closed socket.
+            response
+                .headers_mut()
+                .insert("connection", HeaderValue::from_static("close"));
+        }
         if let Some(decision) = self.rate_limit {
             set_rate_limit_headers(&mut response, &decision);
             let retry = decision.retry_after.as_secs_f64().ceil().max(1.0) as u64;
@@ -145,7 +152,10 @@ use warp::Reply as _;
 pub fn set_rate_limit_headers(response: &mut Response, decision: &Decision) {
     let headers = response.headers_mut();
     headers.insert("x-ratelimit-limit", HeaderValue::from(decision.limit));
-    headers.insert("x-ratelimit-remaining", HeaderValue::from(decision.remaining));
+    headers.insert(
+        "x-ratelimit-remaining",
+        HeaderValue::from(decision.remaining),
+    );
     headers.insert(
         "x-ratelimit-reset",
         HeaderValue::from(ceil_secs(decision.reset_after)),
@@ -184,7 +194,10 @@ impl From<SessionError> for ApiError {
             SessionError::Conflict(what) => ApiError::new(ErrorCode::Conflict, what),
             unavailable @ SessionError::Unavailable(_) => {
                 tracing::warn!(error = %unavailable, "user session unavailable");
-                ApiError::new(ErrorCode::Unavailable, "temporarily unavailable, retry shortly")
+                ApiError::new(
+                    ErrorCode::Unavailable,
+                    "temporarily unavailable, retry shortly",
+                )
             }
         }
     }

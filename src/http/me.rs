@@ -24,7 +24,10 @@ pub async fn get_me(ctx: Ctx) -> Result<Response, ApiError> {
         .get_user(principal.user_id)
         .await?
         .ok_or_else(|| ApiError::unauthenticated("account no longer exists"))?;
-    Ok(json_response(StatusCode::OK, &json!({ "user": UserView::from(&user) })))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "user": UserView::from(&user) }),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -53,7 +56,11 @@ pub async fn patch_me(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
     let limits = &ctx.state.config.limits;
     let mut patch = ProfilePatch::default();
     if let Some(name) = body.display_name {
-        patch.display_name = Some(validate::optional_text("display_name", name, limits.name_max_chars)?);
+        patch.display_name = Some(validate::optional_text(
+            "display_name",
+            name,
+            limits.name_max_chars,
+        )?);
     }
     if let Some(settings) = body.settings {
         if let Some(model) = settings.default_model {
@@ -63,7 +70,10 @@ pub async fn patch_me(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
             if let Some(t) = temperature
                 && !(0.0..=2.0).contains(&t)
             {
-                return Err(ApiError::field("settings.temperature", "must be between 0 and 2"));
+                return Err(ApiError::field(
+                    "settings.temperature",
+                    "must be between 0 and 2",
+                ));
             }
             patch.temperature = Some(temperature);
         }
@@ -86,7 +96,10 @@ pub async fn patch_me(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
             }
             other => other.into(),
         })?;
-    Ok(json_response(StatusCode::OK, &json!({ "user": UserView::from(&user) })))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "user": UserView::from(&user) }),
+    ))
 }
 
 /// The calendar month in UTC, e.g. `2026-11`: the period of monthly counters.
@@ -98,7 +111,11 @@ pub fn current_period() -> String {
 pub async fn get_usage(ctx: Ctx) -> Result<Response, ApiError> {
     let principal = ctx.authenticate()?;
     let period = current_period();
-    let used = ctx.state.store.get_usage(principal.user_id, &period).await?;
+    let used = ctx
+        .state
+        .store
+        .get_usage(principal.user_id, &period)
+        .await?;
     // Cost is counted in micro-dollars so the counter stays an exact integer.
     let cost_usd = used.get("cost_micro_usd").copied().unwrap_or(0) as f64 / 1_000_000.0;
     let counters: serde_json::Map<String, serde_json::Value> = used
@@ -169,6 +186,103 @@ pub async fn delete_api_key(ctx: Ctx, key_id: String) -> Result<Response, ApiErr
         .await
         .map_err(|e| match e {
             chorus_actors::session::SessionError::NotFound => ApiError::not_found("api key"),
+            other => other.into(),
+        })?;
+    Ok(no_content())
+}
+
+/// Providers a user may bring their own key for (Ollama runs keyless).
+pub const BYOK_PROVIDERS: &[&str] = &["openai", "anthropic", "gemini", "groq", "openrouter", "xai"];
+
+fn byok_provider(raw: &str) -> Result<&'static str, ApiError> {
+    BYOK_PROVIDERS
+        .iter()
+        .find(|p| **p == raw)
+        .copied()
+        .ok_or_else(|| {
+            ApiError::field(
+                "provider",
+                format!(
+                    "unknown provider `{raw}`; one of: {}",
+                    BYOK_PROVIDERS.join(", ")
+                ),
+            )
+        })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutProviderKeyBody {
+    api_key: String,
+}
+
+pub async fn put_provider_key(
+    ctx: Ctx,
+    provider: String,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let principal = ctx.authenticate()?;
+    let provider = byok_provider(&provider)?;
+    let body: PutProviderKeyBody = ctx.json(body).await?;
+    let api_key = body.api_key.trim();
+    if api_key.is_empty() || api_key.len() > 1000 || api_key.chars().any(char::is_control) {
+        return Err(ApiError::field(
+            "api_key",
+            "must be 1-1000 characters without control characters",
+        ));
+    }
+    let sealed = ctx
+        .state
+        .provider_keys
+        .seal(principal.user_id, provider, api_key)?;
+    ctx.state
+        .sessions
+        .put_provider_key(chorus_actors::store::ProviderKey {
+            user_id: principal.user_id,
+            provider: provider.to_owned(),
+            sealed,
+            updated_at: Utc::now(),
+        })
+        .await?;
+    tracing::info!(provider, "provider key stored");
+    Ok(no_content())
+}
+
+pub async fn list_provider_keys(ctx: Ctx) -> Result<Response, ApiError> {
+    let principal = ctx.authenticate()?;
+    let stored = ctx
+        .state
+        .store
+        .list_provider_keys(principal.user_id)
+        .await?;
+    let providers: serde_json::Map<String, serde_json::Value> = BYOK_PROVIDERS
+        .iter()
+        .map(|provider| {
+            let entry = match stored.iter().find(|k| k.provider == *provider) {
+                Some(key) => json!({
+                    "configured": true,
+                    "updated_at": key.updated_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                }),
+                None => json!({ "configured": false }),
+            };
+            ((*provider).to_owned(), entry)
+        })
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "providers": providers }),
+    ))
+}
+
+pub async fn delete_provider_key(ctx: Ctx, provider: String) -> Result<Response, ApiError> {
+    let principal = ctx.authenticate()?;
+    let provider = byok_provider(&provider)?;
+    ctx.state
+        .sessions
+        .delete_provider_key(principal.user_id, provider)
+        .await
+        .map_err(|e| match e {
+            chorus_actors::session::SessionError::NotFound => ApiError::not_found("provider key"),
             other => other.into(),
         })?;
     Ok(no_content())

@@ -99,6 +99,22 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
             .and(ctx.clone())
             .then(|id, c| respond(c, move |c| me::delete_api_key(c, id))))
         .unify()
+        .or(warp::path!("api" / "v1" / "me" / "provider-keys")
+            .and(warp::get())
+            .and(ctx.clone())
+            .then(|c| respond(c, me::list_provider_keys)))
+        .unify()
+        .or(warp::path!("api" / "v1" / "me" / "provider-keys" / String)
+            .and(warp::put())
+            .and(ctx.clone())
+            .and(body())
+            .then(|p, c, b| respond(c, move |c| me::put_provider_key(c, p, b))))
+        .unify()
+        .or(warp::path!("api" / "v1" / "me" / "provider-keys" / String)
+            .and(warp::delete())
+            .and(ctx.clone())
+            .then(|p, c| respond(c, move |c| me::delete_provider_key(c, p))))
+        .unify()
         .boxed();
 
     let threads = warp::path!("api" / "v1" / "threads")
@@ -143,7 +159,15 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
         })
     });
 
-    let app = ops.or(auth).unify().or(me).unify().or(threads).unify().or(fallback).unify();
+    let app = ops
+        .or(auth)
+        .unify()
+        .or(me)
+        .unify()
+        .or(threads)
+        .unify()
+        .or(fallback)
+        .unify();
 
     match cors_filter(&cors) {
         Some(cors) => app
@@ -173,7 +197,12 @@ fn cors_filter(origins: &CorsOrigins) -> Option<warp::cors::Builder> {
             Method::PATCH,
             Method::DELETE,
         ])
-        .allow_headers(["authorization", "content-type", "x-request-id", "last-event-id"])
+        .allow_headers([
+            "authorization",
+            "content-type",
+            "x-request-id",
+            "last-event-id",
+        ])
         .expose_headers([
             "x-request-id",
             "retry-after",
@@ -194,7 +223,10 @@ fn cors_filter(origins: &CorsOrigins) -> Option<warp::cors::Builder> {
 async fn answer_rejection(rejection: warp::Rejection) -> Result<Response, Infallible> {
     let request_id = uuid::Uuid::now_v7().to_string();
     let error = if rejection.find::<warp::cors::CorsForbidden>().is_some() {
-        ApiError::new(ErrorCode::Forbidden, "CORS request not allowed for this origin")
+        ApiError::new(
+            ErrorCode::Forbidden,
+            "CORS request not allowed for this origin",
+        )
     } else {
         tracing::warn!(?rejection, "unhandled rejection");
         ApiError::new(ErrorCode::NotFound, "not found")

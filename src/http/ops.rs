@@ -35,6 +35,7 @@ pub async fn readyz(ctx: Ctx) -> Result<Response, ApiError> {
                 "store": store,
                 "shutdown": if draining { "draining" } else { "running" },
             },
+            "node": ctx.state.placement.local_node().as_str(),
             "sessions": ctx.state.sessions.live_count(),
         }),
     ))

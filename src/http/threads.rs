@@ -53,7 +53,11 @@ pub async fn create(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
         )?,
         model: validate::model("model", body.model)?,
     };
-    let thread = ctx.state.sessions.create_thread(principal.user_id, new).await?;
+    let thread = ctx
+        .state
+        .sessions
+        .create_thread(principal.user_id, new)
+        .await?;
     Ok(json_response(
         StatusCode::CREATED,
         &json!({ "thread": ThreadView::new(&thread) }),
@@ -102,13 +106,20 @@ fn decode_thread_cursor(raw: &str) -> Result<ThreadCursor, ApiError> {
 pub async fn list(ctx: Ctx) -> Result<Response, ApiError> {
     let principal = ctx.authenticate()?;
     let query: ListThreadsQuery = ctx.query()?;
-    let q = query.q.map(|q| q.trim().to_owned()).filter(|q| !q.is_empty());
+    let q = query
+        .q
+        .map(|q| q.trim().to_owned())
+        .filter(|q| !q.is_empty());
     if q.as_ref().is_some_and(|q| q.chars().count() > 200) {
         return Err(ApiError::field("q", "must be at most 200 characters"));
     }
     let store_query = ThreadQuery {
         limit: validate::page_limit(query.limit)?,
-        cursor: query.cursor.as_deref().map(decode_thread_cursor).transpose()?,
+        cursor: query
+            .cursor
+            .as_deref()
+            .map(decode_thread_cursor)
+            .transpose()?,
         q,
         bookmarked: query.bookmarked,
     };
@@ -181,7 +192,10 @@ pub async fn patch(ctx: Ctx, id: String, body: Body) -> Result<Response, ApiErro
         .update_thread(principal.user_id, id, patch)
         .await
         .map_err(not_found_as_thread)?;
-    Ok(json_response(StatusCode::OK, &json!({ "thread": ThreadView::new(&thread) })))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "thread": ThreadView::new(&thread) }),
+    ))
 }
 
 pub async fn delete(ctx: Ctx, id: String) -> Result<Response, ApiError> {
@@ -223,8 +237,9 @@ pub async fn list_messages(ctx: Ctx, id: String) -> Result<Response, ApiError> {
         .cursor
         .as_deref()
         .map(|c| {
-            Uuid::parse_str(c)
-                .map_err(|_| ApiError::field("cursor", "invalid cursor; pass next_cursor unchanged"))
+            Uuid::parse_str(c).map_err(|_| {
+                ApiError::field("cursor", "invalid cursor; pass next_cursor unchanged")
+            })
         })
         .transpose()?;
     let store_query = MessageQuery {
@@ -240,7 +255,9 @@ pub async fn list_messages(ctx: Ctx, id: String) -> Result<Response, ApiError> {
     if store.get_thread(principal.user_id, id).await?.is_none() {
         return Err(ApiError::not_found("thread"));
     }
-    let page = store.list_messages(principal.user_id, id, &store_query).await?;
+    let page = store
+        .list_messages(principal.user_id, id, &store_query)
+        .await?;
     let messages: Vec<MessageView> = page.items.iter().map(MessageView::from).collect();
     Ok(json_response(
         StatusCode::OK,

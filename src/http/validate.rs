@@ -100,14 +100,19 @@ mod tests {
     #[test]
     fn emails() {
         assert_eq!(email("  Alice@Example.COM ").unwrap(), "alice@example.com");
-        for bad in ["", "alice", "a@b", "a b@c.d", "@c.d", "a@.cd", "a@cd.", "a@b@c.d"] {
+        for bad in [
+            "", "alice", "a@b", "a b@c.d", "@c.d", "a@.cd", "a@cd.", "a@b@c.d",
+        ] {
             assert!(email(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn models_and_limits() {
-        assert_eq!(model("m", Some("gpt-4o".into())).unwrap().as_deref(), Some("gpt-4o"));
+        assert_eq!(
+            model("m", Some("gpt-4o".into())).unwrap().as_deref(),
+            Some("gpt-4o")
+        );
         assert!(model("m", Some("has space".into())).is_err());
         assert!(model("m", Some(String::new())).is_err());
         assert_eq!(page_limit(None).unwrap(), 20);

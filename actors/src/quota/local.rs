@@ -182,7 +182,11 @@ mod tests {
             limiter.decide("k", t0, true);
         }
         assert!(!limiter.decide("k", t0, true).allowed);
-        assert!(limiter.decide("k", t0 + Duration::from_secs(2), true).allowed);
+        assert!(
+            limiter
+                .decide("k", t0 + Duration::from_secs(2), true)
+                .allowed
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ use ractor::{ActorRef, RpcReplyPort};
 use uuid::Uuid;
 
 use crate::node::SupervisorSlot;
-use crate::store::{ApiKey, StoreError, Thread, User};
+use crate::store::{ApiKey, ProviderKey, StoreError, Thread, User};
 pub use supervisor::{SessionSupervisor, SessionSupervisorArgs, SessionSupervisorMessage};
 pub use user_session::{UserSession, UserSessionMessage};
 
@@ -113,9 +113,15 @@ impl Sessions {
         self.live.read().map(|m| m.len()).unwrap_or(0)
     }
 
-    pub async fn create_thread(&self, user_id: Uuid, new: NewThread) -> Result<Thread, SessionError> {
-        self.request(user_id, |reply| UserSessionMessage::CreateThread(new.clone(), reply))
-            .await
+    pub async fn create_thread(
+        &self,
+        user_id: Uuid,
+        new: NewThread,
+    ) -> Result<Thread, SessionError> {
+        self.request(user_id, |reply| {
+            UserSessionMessage::CreateThread(new.clone(), reply)
+        })
+        .await
     }
 
     pub async fn update_thread(
@@ -131,8 +137,10 @@ impl Sessions {
     }
 
     pub async fn delete_thread(&self, user_id: Uuid, thread_id: Uuid) -> Result<(), SessionError> {
-        self.request(user_id, |reply| UserSessionMessage::DeleteThread(thread_id, reply))
-            .await
+        self.request(user_id, |reply| {
+            UserSessionMessage::DeleteThread(thread_id, reply)
+        })
+        .await
     }
 
     pub async fn update_profile(
@@ -160,8 +168,30 @@ impl Sessions {
     }
 
     pub async fn delete_api_key(&self, user_id: Uuid, key_id: Uuid) -> Result<(), SessionError> {
-        self.request(user_id, |reply| UserSessionMessage::DeleteApiKey(key_id, reply))
-            .await
+        self.request(user_id, |reply| {
+            UserSessionMessage::DeleteApiKey(key_id, reply)
+        })
+        .await
+    }
+
+    /// Stores (or replaces) the user's sealed key for one provider.
+    pub async fn put_provider_key(&self, key: ProviderKey) -> Result<(), SessionError> {
+        let user_id = key.user_id;
+        self.request(user_id, |reply| {
+            UserSessionMessage::PutProviderKey(key.clone(), reply)
+        })
+        .await
+    }
+
+    pub async fn delete_provider_key(
+        &self,
+        user_id: Uuid,
+        provider: &str,
+    ) -> Result<(), SessionError> {
+        self.request(user_id, |reply| {
+            UserSessionMessage::DeleteProviderKey(provider.to_owned(), reply)
+        })
+        .await
     }
 
     /// Sends a request to the user's session and waits for the answer. A session that stopped
@@ -191,11 +221,7 @@ impl Sessions {
     }
 
     async fn session(&self, user_id: Uuid) -> Result<ActorRef<UserSessionMessage>, SessionError> {
-        let cached = self
-            .live
-            .read()
-            .ok()
-            .and_then(|m| m.get(&user_id).cloned());
+        let cached = self.live.read().ok().and_then(|m| m.get(&user_id).cloned());
         if let Some(session) = cached
             && session.get_status() == ractor::ActorStatus::Running
         {

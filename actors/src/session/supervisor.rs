@@ -30,7 +30,10 @@ pub struct SessionSupervisorState {
 #[derive(RactorMessage)]
 pub enum SessionSupervisorMessage {
     /// The running session of a user, spawning it when there is none.
-    GetOrSpawn(Uuid, RpcReplyPort<Result<ActorRef<UserSessionMessage>, String>>),
+    GetOrSpawn(
+        Uuid,
+        RpcReplyPort<Result<ActorRef<UserSessionMessage>, String>>,
+    ),
 }
 
 impl Actor for SessionSupervisor {
@@ -112,7 +115,11 @@ async fn get_or_spawn(
     state: &mut SessionSupervisorState,
     user_id: Uuid,
 ) -> Result<ActorRef<UserSessionMessage>, String> {
-    let existing = state.live.read().ok().and_then(|m| m.get(&user_id).cloned());
+    let existing = state
+        .live
+        .read()
+        .ok()
+        .and_then(|m| m.get(&user_id).cloned());
     if let Some(session) = existing
         && session.get_status() == ractor::ActorStatus::Running
     {

@@ -15,7 +15,7 @@ use ractor_cluster::RactorMessage;
 use uuid::Uuid;
 
 use super::{NewThread, ProfilePatch, SessionError, ThreadPatch};
-use crate::store::{ApiKey, Store, Thread, User};
+use crate::store::{ApiKey, ProviderKey, Store, Thread, User};
 
 pub struct UserSession;
 
@@ -36,12 +36,18 @@ pub struct UserSessionState {
 #[derive(RactorMessage)]
 pub enum UserSessionMessage {
     CreateThread(NewThread, RpcReplyPort<Result<Thread, SessionError>>),
-    UpdateThread(Uuid, ThreadPatch, RpcReplyPort<Result<Thread, SessionError>>),
+    UpdateThread(
+        Uuid,
+        ThreadPatch,
+        RpcReplyPort<Result<Thread, SessionError>>,
+    ),
     DeleteThread(Uuid, RpcReplyPort<Result<(), SessionError>>),
     UpdateProfile(ProfilePatch, RpcReplyPort<Result<User, SessionError>>),
     /// A key (hashed by the edge) and the most keys the user may hold.
     CreateApiKey(ApiKey, usize, RpcReplyPort<Result<ApiKey, SessionError>>),
     DeleteApiKey(Uuid, RpcReplyPort<Result<(), SessionError>>),
+    PutProviderKey(ProviderKey, RpcReplyPort<Result<(), SessionError>>),
+    DeleteProviderKey(String, RpcReplyPort<Result<(), SessionError>>),
     /// Periodic self-check: stop when idle for `idle_timeout`.
     IdleCheck,
 }
@@ -112,6 +118,26 @@ impl Actor for UserSession {
             UserSessionMessage::DeleteApiKey(key_id, reply) => {
                 let _ = reply.send(delete_api_key(state, key_id).await);
             }
+            UserSessionMessage::PutProviderKey(key, reply) => {
+                let result = if key.user_id == state.user_id {
+                    state.store.put_provider_key(&key).await.map_err(Into::into)
+                } else {
+                    Err(SessionError::NotFound)
+                };
+                let _ = reply.send(result);
+            }
+            UserSessionMessage::DeleteProviderKey(provider, reply) => {
+                let result = match state
+                    .store
+                    .delete_provider_key(state.user_id, &provider)
+                    .await
+                {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(SessionError::NotFound),
+                    Err(e) => Err(e.into()),
+                };
+                let _ = reply.send(result);
+            }
         }
         state.last_active = Instant::now();
         Ok(())
@@ -172,7 +198,10 @@ async fn delete_thread(state: &UserSessionState, thread_id: Uuid) -> Result<(), 
     }
 }
 
-async fn update_profile(state: &UserSessionState, patch: ProfilePatch) -> Result<User, SessionError> {
+async fn update_profile(
+    state: &UserSessionState,
+    patch: ProfilePatch,
+) -> Result<User, SessionError> {
     let mut user = state
         .store
         .get_user(state.user_id)

@@ -24,9 +24,9 @@ use chrono::{DateTime, Duration, Utc};
 use uuid::{NoContext, Timestamp, Uuid};
 
 use super::{
-    ApiKey, Message, MessageQuery, MessageRole, MessageStatus, Order, RefreshToken, Role, Share,
-    SpendOutcome, Store, StoreError, Summary, Thread, ThreadCursor, ThreadQuery, Usage, User,
-    UserSettings,
+    ApiKey, Message, MessageQuery, MessageRole, MessageStatus, Order, ProviderKey, RefreshToken,
+    Role, Share, SpendOutcome, Store, StoreError, Summary, Thread, ThreadCursor, ThreadQuery,
+    Usage, User, UserSettings,
 };
 
 /// Generates one `#[tokio::test]` per contract case, each on a store from `$factory`, an async
@@ -68,6 +68,7 @@ macro_rules! store_contract_tests {
             summaries_upsert,
             usage_accumulates_per_period_and_kind,
             shares_lifecycle,
+            provider_keys_upsert_list_delete_per_user,
             delete_thread_cascades,
             timestamps_round_trip_at_microseconds,
         );
@@ -1461,6 +1462,54 @@ pub async fn shares_lifecycle(store: Arc<dyn Store>) {
     assert_eq!(store.get_share("share-a").await.unwrap(), None);
     assert_eq!(store.get_share("share-b").await.unwrap(), None);
     assert_eq!(store.get_share("share-c").await.unwrap(), Some(c));
+}
+
+pub async fn provider_keys_upsert_list_delete_per_user(store: Arc<dyn Store>) {
+    let alice = Uuid::now_v7();
+    let bob = Uuid::now_v7();
+    let key = |user_id, provider: &str, sealed: &[u8], secs| ProviderKey {
+        user_id,
+        provider: provider.to_owned(),
+        sealed: sealed.to_vec(),
+        updated_at: at(secs),
+    };
+    store
+        .put_provider_key(&key(alice, "openai", b"v1", 0))
+        .await
+        .unwrap();
+    store
+        .put_provider_key(&key(alice, "anthropic", b"a1", 1))
+        .await
+        .unwrap();
+    store
+        .put_provider_key(&key(bob, "openai", b"bob", 2))
+        .await
+        .unwrap();
+    // Replacing keeps one row per (user, provider).
+    store
+        .put_provider_key(&key(alice, "openai", b"v2", 3))
+        .await
+        .unwrap();
+
+    let listed = store.list_provider_keys(alice).await.unwrap();
+    assert_eq!(
+        listed,
+        vec![
+            key(alice, "anthropic", b"a1", 1),
+            key(alice, "openai", b"v2", 3)
+        ]
+    );
+    assert_eq!(
+        store.list_provider_keys(bob).await.unwrap(),
+        vec![key(bob, "openai", b"bob", 2)]
+    );
+
+    // Bob cannot delete Alice's key; deleting twice reports absence.
+    assert!(!store.delete_provider_key(bob, "anthropic").await.unwrap());
+    assert!(store.delete_provider_key(alice, "openai").await.unwrap());
+    assert!(!store.delete_provider_key(alice, "openai").await.unwrap());
+    assert_eq!(store.list_provider_keys(alice).await.unwrap().len(), 1);
+    assert_eq!(store.list_provider_keys(bob).await.unwrap().len(), 1);
 }
 
 pub async fn delete_thread_cascades(store: Arc<dyn Store>) {

@@ -9,9 +9,9 @@
 //! callers. It does guarantee the atomic steps those rules need (a unique email, spending a refresh
 //! token exactly once, cascading a thread delete).
 
-pub mod sqlite;
 #[cfg(feature = "store-contract")]
 pub mod contract;
+pub mod sqlite;
 
 use std::collections::BTreeMap;
 
@@ -218,6 +218,17 @@ pub struct Share {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
+/// `provider_keys` (partition `user_id`, clustering `provider`): a user's own provider key,
+/// encrypted by the caller (AES-256-GCM); the store only keeps the sealed bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderKey {
+    pub user_id: Uuid,
+    pub provider: String,
+    /// Nonce followed by ciphertext and tag.
+    pub sealed: Vec<u8>,
+    pub updated_at: DateTime<Utc>,
+}
+
 /// Position after the last thread of a page: `(updated_at, id)` of that thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ThreadCursor {
@@ -285,8 +296,11 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_refresh_token(&self, token: &RefreshToken) -> StoreResult<()>;
     async fn get_refresh_token(&self, token_hash: &str) -> StoreResult<Option<RefreshToken>>;
     /// Atomically marks an unspent, unrevoked token spent at `at` (compare-and-set).
-    async fn spend_refresh_token(&self, token_hash: &str, at: DateTime<Utc>)
-    -> StoreResult<SpendOutcome>;
+    async fn spend_refresh_token(
+        &self,
+        token_hash: &str,
+        at: DateTime<Utc>,
+    ) -> StoreResult<SpendOutcome>;
     /// Revokes one token (logout). Returns false when it does not exist.
     async fn revoke_refresh_token(&self, token_hash: &str, at: DateTime<Utc>) -> StoreResult<bool>;
     /// Revokes every token of a family (reuse detected); returns how many were newly revoked.
@@ -320,8 +334,11 @@ pub trait Store: Send + Sync + 'static {
         query: &ThreadQuery,
     ) -> StoreResult<Page<Thread, ThreadCursor>>;
     /// Per-model message counts and summaries of a thread, ordered by model name.
-    async fn thread_model_stats(&self, user_id: Uuid, thread_id: Uuid)
-    -> StoreResult<Vec<ModelStats>>;
+    async fn thread_model_stats(
+        &self,
+        user_id: Uuid,
+        thread_id: Uuid,
+    ) -> StoreResult<Vec<ModelStats>>;
 
     // messages
     /// Inserts the message, bumps the thread's `message_count` and sets its `updated_at` to the
@@ -353,8 +370,13 @@ pub trait Store: Send + Sync + 'static {
 
     // usage
     /// Adds `delta` to the counter and returns the new value.
-    async fn add_usage(&self, user_id: Uuid, period: &str, kind: &str, delta: i64)
-    -> StoreResult<i64>;
+    async fn add_usage(
+        &self,
+        user_id: Uuid,
+        period: &str,
+        kind: &str,
+        delta: i64,
+    ) -> StoreResult<i64>;
     async fn get_usage(&self, user_id: Uuid, period: &str) -> StoreResult<BTreeMap<String, i64>>;
 
     // shares
@@ -362,4 +384,12 @@ pub trait Store: Send + Sync + 'static {
     async fn get_share(&self, share_id: &str) -> StoreResult<Option<Share>>;
     /// Removes the thread's shares; returns how many.
     async fn delete_shares_for_thread(&self, user_id: Uuid, thread_id: Uuid) -> StoreResult<u64>;
+
+    // provider_keys
+    /// Inserts or replaces the user's key for `key.provider`.
+    async fn put_provider_key(&self, key: &ProviderKey) -> StoreResult<()>;
+    /// The user's keys, ordered by provider.
+    async fn list_provider_keys(&self, user_id: Uuid) -> StoreResult<Vec<ProviderKey>>;
+    /// False when the user had no key for that provider.
+    async fn delete_provider_key(&self, user_id: Uuid, provider: &str) -> StoreResult<bool>;
 }

@@ -51,8 +51,8 @@ pub use migrations::{AppliedMigration, MigrationReport, SCHEMA_VERSION};
 
 use super::{
     ApiKey, Message, MessageQuery, MessageRole, MessageStatus, ModelStats, Order, Page,
-    RefreshToken, Role, Share, SpendOutcome, Store, StoreError, StoreResult, Summary, Thread,
-    ThreadCursor, ThreadQuery, Usage, User,
+    ProviderKey, RefreshToken, Role, Share, SpendOutcome, Store, StoreError, StoreResult, Summary,
+    Thread, ThreadCursor, ThreadQuery, Usage, User,
 };
 
 /// Reader connections per store: enough for a node's concurrent lists without holding many
@@ -1241,6 +1241,56 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn put_provider_key(&self, key: &ProviderKey) -> StoreResult<()> {
+        let key = key.clone();
+        self.write("put_provider_key", move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO provider_keys (user_id, provider, sealed, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (user_id, provider) DO UPDATE \
+                 SET sealed = excluded.sealed, updated_at = excluded.updated_at",
+            )?
+            .execute(params![
+                id(key.user_id),
+                key.provider,
+                key.sealed,
+                micros(key.updated_at)
+            ])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_provider_keys(&self, user_id: Uuid) -> StoreResult<Vec<ProviderKey>> {
+        self.read("list_provider_keys", move |conn| {
+            conn.prepare_cached(
+                "SELECT user_id, provider, sealed, updated_at FROM provider_keys \
+                 WHERE user_id = ?1 ORDER BY provider",
+            )?
+            .query_map([id(user_id)], |row| {
+                Ok(ProviderKey {
+                    user_id: uuid_col(row, 0)?,
+                    provider: row.get(1)?,
+                    sealed: row.get(2)?,
+                    updated_at: time_col(row, 3)?,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn delete_provider_key(&self, user_id: Uuid, provider: &str) -> StoreResult<bool> {
+        let provider = provider.to_owned();
+        self.write("delete_provider_key", move |conn| {
+            let deleted = conn
+                .prepare_cached("DELETE FROM provider_keys WHERE user_id = ?1 AND provider = ?2")?
+                .execute(params![id(user_id), provider])?;
+            Ok(deleted > 0)
+        })
+        .await
+    }
 }
 
 fn get_refresh(conn: &Connection, hash: &str) -> rusqlite::Result<Option<RefreshToken>> {
@@ -1254,7 +1304,6 @@ fn get_refresh(conn: &Connection, hash: &str) -> rusqlite::Result<Option<Refresh
 }
 
 #[cfg(test)]
-#[expect(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -21,10 +21,11 @@ pub(super) struct Migration {
     pub sql: &'static str,
 }
 
-pub(super) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial schema",
-    sql: r#"
+pub(super) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial schema",
+        sql: r#"
 CREATE TABLE users (
     id            TEXT    NOT NULL PRIMARY KEY,
     email         TEXT    NOT NULL UNIQUE,
@@ -124,12 +125,26 @@ CREATE TABLE shares (
 ) STRICT;
 CREATE INDEX shares_by_thread ON shares (user_id, thread_id);
 "#,
-}];
+    },
+    Migration {
+        version: 2,
+        name: "provider keys",
+        sql: r#"
+CREATE TABLE provider_keys (
+    user_id    TEXT    NOT NULL,
+    provider   TEXT    NOT NULL,
+    sealed     BLOB    NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (user_id, provider)
+) STRICT;
+"#,
+    },
+];
 
 /// The newest schema version this binary knows.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
-/// What [`apply`] did.
+/// What a migration run did (see [`SqliteStore::migrate`](super::SqliteStore::migrate)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MigrationReport {
     /// The version found before migrating (0 for a new database).

@@ -1,0 +1,17 @@
+//! End-to-end tests: every test spawns the real `chorus` binary (port 0, its own temp data dir)
+//! and talks to it over HTTP, as a client would. One binary for all of `tests/api/`, so the
+//! harness is compiled once. Set `TEST_LOG=1` to see the servers' logs.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod helpers;
+
+mod account;
+mod auth;
+mod cli;
+mod edge;
+mod isolation;
+mod lifecycle;
+mod limits;
+mod messages;
+mod threads;
+mod validation;
