@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chorus_actors::Node;
 use chorus_actors::session::{NewThread, SessionConfig, SessionError, ThreadPatch};
-use chorus_actors::store::{SqliteStore, Store, ThreadQuery};
+use chorus_actors::store::{ApiKey, SqliteStore, Store, ThreadQuery};
 use uuid::Uuid;
 
 async fn node(idle: Duration) -> (Node, Arc<dyn Store>, tempfile::TempDir) {
@@ -114,6 +114,41 @@ async fn concurrent_requests_of_one_user_are_all_applied() {
         .await
         .unwrap();
     assert_eq!(page.items.len(), 50);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_first_requests_share_one_session_so_limits_hold() {
+    // Each fresh user's first requests race to spawn the session; if two sessions were spawned,
+    // both would pass the key-count check and the cap would be exceeded.
+    let (node, store, _dir) = node(Duration::from_secs(60)).await;
+    for _ in 0..20 {
+        let user = Uuid::now_v7();
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let sessions = node.sessions.clone();
+            let key = ApiKey {
+                id: Uuid::now_v7(),
+                key_hash: Uuid::now_v7().to_string(),
+                user_id: user,
+                name: "k".into(),
+                scopes: vec![],
+                created_at: chrono::Utc::now(),
+                last_used_at: None,
+            };
+            tasks.push(tokio::spawn(async move { sessions.create_api_key(user, key, 2).await }));
+        }
+        let mut created = 0;
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(_) => created += 1,
+                Err(SessionError::Conflict(_)) => {}
+                Err(other) => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(created, 2);
+        assert_eq!(store.list_api_keys(user).await.unwrap().len(), 2);
+    }
     node.shutdown().await;
 }
 

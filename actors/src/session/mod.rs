@@ -85,6 +85,13 @@ pub struct ProfilePatch {
     pub system_prompt: Option<Option<String>>,
 }
 
+/// A session that can still take messages. A freshly spawned actor reports `Starting` for a
+/// moment after `spawn` returns; treating that as dead would spawn a second session for the same
+/// user and break per-user serialization.
+pub(crate) fn is_alive<M: ractor::Message>(actor: &ActorRef<M>) -> bool {
+    ractor::ACTIVE_STATES.contains(&actor.get_status())
+}
+
 pub(crate) type LiveSessions = Arc<RwLock<HashMap<Uuid, ActorRef<UserSessionMessage>>>>;
 
 /// The edge's handle on the sessions of this node. Cheap to clone.
@@ -223,7 +230,7 @@ impl Sessions {
     async fn session(&self, user_id: Uuid) -> Result<ActorRef<UserSessionMessage>, SessionError> {
         let cached = self.live.read().ok().and_then(|m| m.get(&user_id).cloned());
         if let Some(session) = cached
-            && session.get_status() == ractor::ActorStatus::Running
+            && is_alive(&session)
         {
             return Ok(session);
         }

@@ -121,7 +121,7 @@ async fn get_or_spawn(
         .ok()
         .and_then(|m| m.get(&user_id).cloned());
     if let Some(session) = existing
-        && session.get_status() == ractor::ActorStatus::Running
+        && super::is_alive(&session)
     {
         return Ok(session);
     }
