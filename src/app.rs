@@ -19,10 +19,12 @@ use chorus_cluster::{NodeId, Placement};
 use tokio::net::TcpListener;
 
 use crate::auth::JwtKeys;
+use crate::auth::api_keys::ApiKeyCache;
 use crate::auth::jwt::load_or_create_dev_secret;
 use crate::auth::sealing::ProviderKeyCipher;
 use crate::config::{Config, StoreConfig};
 use crate::http;
+use chorus_actors::provider::catalogue::Catalogue;
 
 /// What every handler can reach. Holds handles, never per-user state.
 pub struct AppState {
@@ -33,6 +35,10 @@ pub struct AppState {
     pub placement: Placement,
     pub jwt: JwtKeys,
     pub provider_keys: ProviderKeyCipher,
+    /// Enabled models and their providers.
+    pub catalogue: Arc<Catalogue>,
+    /// Verified API keys, so `/v1` requests make no store call.
+    pub api_keys: ApiKeyCache,
     pub limiters: Limiters,
     pub metrics: Arc<EdgeMetrics>,
     /// Set when shutdown begins, so `/readyz` turns 503 while in-flight requests drain.
@@ -133,7 +139,16 @@ impl Application {
         let jwt = jwt_keys(&config)?;
         let provider_keys = provider_key_cipher(&config)?;
         let store = open_store(&config).await?;
-        let node = Node::start(store.clone(), config.sessions.clone()).await?;
+        // Providers are enabled by their keys in the environment (ARCHITECTURE.md, Configuration).
+        let catalogue = Arc::new(
+            Catalogue::build(&config.catalogue, &|name| std::env::var(name).ok())
+                .context("building the model catalogue")?,
+        );
+        tracing::info!(
+            models = ?catalogue.models().iter().map(|m| m.spec.id.as_str()).collect::<Vec<_>>(),
+            "model catalogue ready"
+        );
+        let node = Node::start(store.clone(), catalogue.clone(), config.sessions.clone()).await?;
         let listener = TcpListener::bind(config.server.bind)
             .await
             .with_context(|| format!("binding {}", config.server.bind))?;
@@ -154,6 +169,8 @@ impl Application {
             store,
             jwt,
             provider_keys,
+            catalogue,
+            api_keys: ApiKeyCache::default(),
             limiters,
             metrics: Arc::new(EdgeMetrics::default()),
             shutting_down: AtomicBool::new(false),

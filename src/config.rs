@@ -14,6 +14,8 @@ use toml::{Table, Value};
 
 /// The defaults, one comment per key. Also the reference for operators.
 pub const DEFAULTS_TOML: &str = include_str!("../config/chorus.toml");
+/// The built-in model catalogue.
+pub const DEFAULT_MODELS_TOML: &str = include_str!("../config/models.toml");
 const ENV_PREFIX: &str = "CHORUS__";
 
 #[derive(Debug, thiserror::Error)]
@@ -78,12 +80,22 @@ impl Serialize for Secret {
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub data_dir: PathBuf,
+    pub models_file: String,
     pub server: RawServer,
     pub auth: RawAuth,
     pub store: RawStore,
     pub sessions: RawSessions,
+    pub turns: RawTurns,
     pub limits: RawLimits,
     pub log: RawLog,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTurns {
+    pub first_token_timeout_secs: u64,
+    pub between_chunks_timeout_secs: u64,
+    pub keep_alive_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -141,6 +153,7 @@ pub struct RawLimits {
     pub login_failures_per_account_per_minute: u32,
     pub title_max_chars: usize,
     pub system_prompt_max_chars: usize,
+    pub message_max_chars: usize,
     pub name_max_chars: usize,
     pub api_keys_per_user: usize,
 }
@@ -162,6 +175,8 @@ pub struct Config {
     pub auth: AuthConfig,
     pub store: StoreConfig,
     pub sessions: chorus_actors::session::SessionConfig,
+    pub catalogue: chorus_actors::provider::catalogue::CatalogueFile,
+    pub keep_alive: Duration,
     pub limits: RawLimits,
     pub log: LogConfig,
 }
@@ -289,6 +304,22 @@ impl Config {
             }
         };
 
+        for (key, value) in [
+            (
+                "turns.first_token_timeout_secs",
+                raw.turns.first_token_timeout_secs,
+            ),
+            (
+                "turns.between_chunks_timeout_secs",
+                raw.turns.between_chunks_timeout_secs,
+            ),
+            ("turns.keep_alive_secs", raw.turns.keep_alive_secs),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        let catalogue = load_catalogue(&raw.models_file)?;
         if raw.sessions.idle_timeout_secs == 0 {
             return Err(invalid(
                 "sessions.idle_timeout_secs",
@@ -315,6 +346,7 @@ impl Config {
                 "limits.system_prompt_max_chars",
                 raw.limits.system_prompt_max_chars,
             ),
+            ("limits.message_max_chars", raw.limits.message_max_chars),
             ("limits.name_max_chars", raw.limits.name_max_chars),
             ("limits.api_keys_per_user", raw.limits.api_keys_per_user),
         ] {
@@ -354,7 +386,13 @@ impl Config {
             sessions: chorus_actors::session::SessionConfig {
                 idle_timeout: Duration::from_secs(raw.sessions.idle_timeout_secs),
                 call_timeout: Duration::from_secs(raw.sessions.call_timeout_secs),
+                turn_timeouts: chorus_actors::session::turn::TurnTimeouts {
+                    first_token: Duration::from_secs(raw.turns.first_token_timeout_secs),
+                    between_chunks: Duration::from_secs(raw.turns.between_chunks_timeout_secs),
+                },
             },
+            catalogue,
+            keep_alive: Duration::from_secs(raw.turns.keep_alive_secs),
             limits: raw.limits.clone(),
             log: LogConfig {
                 format,
@@ -371,6 +409,33 @@ impl Config {
             message: e.to_string(),
         })
     }
+}
+
+/// Parses the model catalogue: the built-in one, or `models_file` when set. Which providers are
+/// enabled is decided later, from the environment, when the catalogue is built.
+fn load_catalogue(
+    models_file: &str,
+) -> Result<chorus_actors::provider::catalogue::CatalogueFile, ConfigError> {
+    let (text, origin) = if models_file.is_empty() {
+        (
+            DEFAULT_MODELS_TOML.to_owned(),
+            "built-in config/models.toml".to_owned(),
+        )
+    } else {
+        let text = std::fs::read_to_string(models_file).map_err(|source| ConfigError::Read {
+            path: PathBuf::from(models_file),
+            source,
+        })?;
+        (text, models_file.to_owned())
+    };
+    let table = parse_table(&text, &origin)?;
+    serde_path_to_error::deserialize(Value::Table(table)).map_err(|err| {
+        let path = err.path().to_string();
+        ConfigError::Invalid {
+            key: format!("{origin}: {path}"),
+            message: err.into_inner().to_string(),
+        }
+    })
 }
 
 fn validate_auth(raw: &RawAuth) -> Result<AuthConfig, ConfigError> {

@@ -10,6 +10,7 @@
 //! the [`store::Store`].
 
 pub mod node;
+pub mod provider;
 pub mod quota;
 pub mod session;
 pub mod store;

@@ -11,6 +11,7 @@ use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use ractor_cluster::RactorMessage;
 
+use crate::provider::catalogue::Catalogue;
 use crate::session::{
     LiveSessions, SessionConfig, SessionSupervisor, SessionSupervisorArgs,
     SessionSupervisorMessage, Sessions,
@@ -31,11 +32,16 @@ pub struct Node {
 }
 
 impl Node {
-    pub async fn start(store: Arc<dyn Store>, sessions: SessionConfig) -> Result<Node, NodeError> {
+    pub async fn start(
+        store: Arc<dyn Store>,
+        catalogue: Arc<Catalogue>,
+        sessions: SessionConfig,
+    ) -> Result<Node, NodeError> {
         let slot: SupervisorSlot = Arc::new(RwLock::new(None));
         let live: LiveSessions = Arc::new(RwLock::new(HashMap::new()));
         let args = NodeArgs {
             store,
+            catalogue,
             sessions: sessions.clone(),
             slot: slot.clone(),
             live: live.clone(),
@@ -64,6 +70,7 @@ pub struct NodeSupervisor;
 
 pub struct NodeArgs {
     store: Arc<dyn Store>,
+    catalogue: Arc<Catalogue>,
     sessions: SessionConfig,
     slot: SupervisorSlot,
     live: LiveSessions,
@@ -128,6 +135,7 @@ async fn spawn_session_supervisor(
     }
     let args = SessionSupervisorArgs {
         store: state.store.clone(),
+        catalogue: state.catalogue.clone(),
         config: state.sessions.clone(),
         live: state.live.clone(),
     };

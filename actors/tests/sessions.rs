@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chorus_actors::Node;
+use chorus_actors::provider::catalogue::Catalogue;
 use chorus_actors::session::{NewThread, SessionConfig, SessionError, ThreadPatch};
 use chorus_actors::store::{ApiKey, SqliteStore, Store, ThreadQuery};
 use uuid::Uuid;
@@ -16,8 +17,10 @@ async fn node(idle: Duration) -> (Node, Arc<dyn Store>, tempfile::TempDir) {
     let config = SessionConfig {
         idle_timeout: idle,
         call_timeout: Duration::from_secs(5),
+        ..Default::default()
     };
-    let node = Node::start(store.clone(), config).await.unwrap();
+    let catalogue = Arc::new(Catalogue::default());
+    let node = Node::start(store.clone(), catalogue, config).await.unwrap();
     (node, store, dir)
 }
 
@@ -136,7 +139,9 @@ async fn concurrent_first_requests_share_one_session_so_limits_hold() {
                 created_at: chrono::Utc::now(),
                 last_used_at: None,
             };
-            tasks.push(tokio::spawn(async move { sessions.create_api_key(user, key, 2).await }));
+            tasks.push(tokio::spawn(async move {
+                sessions.create_api_key(user, key, 2).await
+            }));
         }
         let mut created = 0;
         for task in tasks {

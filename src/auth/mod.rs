@@ -4,6 +4,7 @@
 //! path (ARCHITECTURE.md, principle 2). Refresh tokens and API keys are random strings whose
 //! SHA-256 is what the store keeps.
 
+pub mod api_keys;
 pub mod jwt;
 pub mod password;
 pub mod sealing;

@@ -136,6 +136,15 @@ impl Ctx {
         })
     }
 
+    /// Verifies a token given outside the header (`?access_token=` for EventSource/WebSocket).
+    pub fn authenticate_token(&self, token: &str) -> Result<Principal, ApiError> {
+        let claims = self.state.jwt.verify_access(token)?;
+        Ok(Principal {
+            user_id: claims.sub,
+            claims,
+        })
+    }
+
     /// Decodes the query string into `T`, naming the offending parameter on error.
     pub fn query<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
         let raw = self.query.as_deref().unwrap_or("");
@@ -256,6 +265,19 @@ where
     F: FnOnce(Ctx) -> Fut,
     Fut: Future<Output = Result<Response, ApiError>>,
 {
+    respond_with(ctx, handler, ApiError::into_response).await
+}
+
+/// [`respond`] with another error rendering (the OpenAI-compatible routes use OpenAI's shape).
+pub async fn respond_with<F, Fut>(
+    ctx: Ctx,
+    handler: F,
+    render: fn(ApiError, &str) -> Response,
+) -> Response
+where
+    F: FnOnce(Ctx) -> Fut,
+    Fut: Future<Output = Result<Response, ApiError>>,
+{
     let request_id = ctx.request_id.clone();
     let span = tracing::info_span!(
         "request",
@@ -269,7 +291,7 @@ where
         let _in_flight = metrics.begin_request();
         let mut response = match handler(ctx).await {
             Ok(response) => response,
-            Err(error) => error.into_response(&request_id),
+            Err(error) => render(error, &request_id),
         };
         if let Ok(value) = HeaderValue::from_str(&request_id) {
             response.headers_mut().insert("x-request-id", value);

@@ -25,6 +25,7 @@ pub enum ErrorCode {
     PayloadTooLarge,
     UnsupportedMediaType,
     RateLimited,
+    ProviderError,
     Unavailable,
     Internal,
 }
@@ -40,6 +41,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
             ErrorCode::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
             ErrorCode::RateLimited => "RATE_LIMITED",
+            ErrorCode::ProviderError => "PROVIDER_ERROR",
             ErrorCode::Unavailable => "UNAVAILABLE",
             ErrorCode::Internal => "INTERNAL",
         }
@@ -55,6 +57,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::ProviderError => StatusCode::BAD_GATEWAY,
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -192,6 +195,8 @@ impl From<SessionError> for ApiError {
             SessionError::NotFound => ApiError::new(ErrorCode::NotFound, "not found"),
             SessionError::Store(store) => store.into(),
             SessionError::Conflict(what) => ApiError::new(ErrorCode::Conflict, what),
+            SessionError::Invalid(what) => ApiError::validation(what),
+            SessionError::Provider(e) => crate::http::messages::provider_error(&e),
             unavailable @ SessionError::Unavailable(_) => {
                 tracing::warn!(error = %unavailable, "user session unavailable");
                 ApiError::new(

@@ -188,6 +188,7 @@ pub async fn delete_api_key(ctx: Ctx, key_id: String) -> Result<Response, ApiErr
             chorus_actors::session::SessionError::NotFound => ApiError::not_found("api key"),
             other => other.into(),
         })?;
+    ctx.state.api_keys.evict(key_id);
     Ok(no_content())
 }
 

@@ -8,11 +8,15 @@ mod auth_routes;
 pub mod context;
 pub mod error;
 mod me;
+pub mod messages;
+mod models;
+mod openai;
 mod ops;
 mod patch;
 mod threads;
 mod validate;
 mod views;
+mod ws;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -24,7 +28,7 @@ use warp::reply::Response;
 
 use crate::app::AppState;
 use crate::config::CorsOrigins;
-use context::{Body, Ctx, body, respond};
+use context::{Body, Ctx, body, respond, respond_with};
 use error::{ApiError, ErrorCode};
 
 /// Every route of the native API, with CORS applied and rejections answered in the envelope.
@@ -150,6 +154,66 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
         .unify()
         .boxed();
 
+    let turns = warp::path!("api" / "v1" / "threads" / String / "messages")
+        .and(warp::post())
+        .and(ctx.clone())
+        .and(body())
+        .then(|id, c, b| respond(c, move |c| messages::send(c, id, b)))
+        .or(warp::path!("api" / "v1" / "threads" / String / "events")
+            .and(warp::get())
+            .and(ctx.clone())
+            .then(|id, c| respond(c, move |c| messages::events(c, id))))
+        .unify()
+        .or(
+            warp::path!("api" / "v1" / "threads" / String / "turns" / String / "cancel")
+                .and(warp::post())
+                .and(ctx.clone())
+                .then(|id, turn, c| respond(c, move |c| messages::cancel(c, id, turn))),
+        )
+        .unify()
+        .or(warp::path!("api" / "v1" / "threads" / String / "summarize")
+            .and(warp::post())
+            .and(ctx.clone())
+            .and(body())
+            .then(|id, c, b| respond(c, move |c| messages::summarize(c, id, b))))
+        .unify()
+        .or(warp::path!("api" / "v1" / "models")
+            .and(warp::get())
+            .and(ctx.clone())
+            .then(|c| respond(c, models::list)))
+        .unify()
+        .or(warp::path!("api" / "v1" / "ws")
+            .and(warp::get())
+            .and(ctx.clone())
+            .and(warp::ws())
+            .then(|c, ws| respond(c, move |c| ws::upgrade(c, ws))))
+        .unify()
+        .boxed();
+
+    let openai_api = warp::path!("v1" / "chat" / "completions")
+        .and(warp::post())
+        .and(ctx.clone())
+        .and(body())
+        .then(|c, b| {
+            respond_with(
+                c,
+                move |c| openai::chat_completions(c, b),
+                openai::openai_error,
+            )
+        })
+        .or(warp::path!("v1" / "models")
+            .and(warp::get())
+            .and(ctx.clone())
+            .then(|c| respond_with(c, openai::list_models, openai::openai_error)))
+        .unify()
+        .or(warp::path!("v1" / "embeddings")
+            .and(warp::post())
+            .and(ctx.clone())
+            .and(body())
+            .then(|c, b| respond_with(c, move |c| openai::embeddings(c, b), openai::openai_error)))
+        .unify()
+        .boxed();
+
     let fallback = ctx.then(|c: Ctx| {
         respond(c, |c| async move {
             Err::<Response, _>(ApiError::new(
@@ -165,6 +229,10 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
         .or(me)
         .unify()
         .or(threads)
+        .unify()
+        .or(turns)
+        .unify()
+        .or(openai_api)
         .unify()
         .or(fallback)
         .unify();

@@ -11,7 +11,10 @@
 //! [`Sessions`] handle, which finds or spawns the session and retries once when it raced with
 //! passivation.
 
+pub mod context;
+pub mod events;
 mod supervisor;
+pub mod turn;
 mod user_session;
 
 use std::collections::HashMap;
@@ -24,7 +27,11 @@ use uuid::Uuid;
 use crate::node::SupervisorSlot;
 use crate::store::{ApiKey, ProviderKey, StoreError, Thread, User};
 pub use supervisor::{SessionSupervisor, SessionSupervisorArgs, SessionSupervisorMessage};
-pub use user_session::{UserSession, UserSessionMessage};
+pub use user_session::{UserSession, UserSessionMessage, usage_period};
+
+use crate::provider::ProviderError;
+use events::ThreadEvents;
+use turn::{FirstOutcome, TurnTimeouts};
 
 /// Tunables of the session layer (`[sessions]` in chorus.toml).
 #[derive(Debug, Clone)]
@@ -33,6 +40,8 @@ pub struct SessionConfig {
     pub idle_timeout: Duration,
     /// Upper bound for one request to a session (includes queueing behind the user's other work).
     pub call_timeout: Duration,
+    /// Provider deadlines of turns.
+    pub turn_timeouts: TurnTimeouts,
 }
 
 impl Default for SessionConfig {
@@ -40,6 +49,7 @@ impl Default for SessionConfig {
         SessionConfig {
             idle_timeout: Duration::from_secs(600),
             call_timeout: Duration::from_secs(10),
+            turn_timeouts: TurnTimeouts::default(),
         }
     }
 }
@@ -52,6 +62,12 @@ pub enum SessionError {
     /// The change would break a rule of the user's data (e.g. too many API keys).
     #[error("conflict: {0}")]
     Conflict(String),
+    /// The request cannot be served as asked (e.g. an unknown model); the message says why.
+    #[error("{0}")]
+    Invalid(String),
+    /// A provider call the request needed failed.
+    #[error(transparent)]
+    Provider(ProviderError),
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The session could not be reached or did not answer in time.
@@ -74,6 +90,28 @@ pub struct ThreadPatch {
     pub system_prompt: Option<Option<String>>,
     pub model: Option<Option<String>>,
     pub bookmarked: Option<bool>,
+}
+
+/// `POST /api/v1/threads/{id}/messages`, validated by the edge.
+#[derive(Debug, Clone, Default)]
+pub struct SendMessage {
+    pub content: String,
+    /// Empty: the thread's model, else the user's default, else the first enabled chat model.
+    pub models: Vec<String>,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f64>,
+}
+
+/// A turn that has started: its stored user message and assistant placeholders, and where to
+/// read its events (every event of this turn has `seq >= from_seq`).
+pub struct TurnStarted {
+    pub turn_id: Uuid,
+    pub user_message: crate::store::Message,
+    pub assistant_messages: Vec<crate::store::Message>,
+    pub log: std::sync::Arc<ThreadEvents>,
+    pub from_seq: u64,
+    /// Resolves once some model produced output, or every model failed before any.
+    pub first_outcome: tokio::sync::oneshot::Receiver<FirstOutcome>,
 }
 
 /// `PATCH /api/v1/me`: `None` leaves a field alone, `Some(None)` clears it.
@@ -197,6 +235,69 @@ impl Sessions {
     ) -> Result<(), SessionError> {
         self.request(user_id, |reply| {
             UserSessionMessage::DeleteProviderKey(provider.to_owned(), reply)
+        })
+        .await
+    }
+
+    /// Stores the user message and starts a turn. Returns once the turn runs (not when it ends).
+    pub async fn start_turn(
+        &self,
+        user_id: Uuid,
+        thread_id: Uuid,
+        send: SendMessage,
+    ) -> Result<TurnStarted, SessionError> {
+        // Not retried: a lost reply after the message was stored must not store it twice.
+        let session = self.session(user_id).await?;
+        match session
+            .call(
+                |reply| UserSessionMessage::StartTurn(thread_id, send, reply),
+                Some(self.call_timeout),
+            )
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(result)) => result,
+            Ok(ractor::rpc::CallResult::Timeout) => {
+                Err(SessionError::Unavailable("session call timed out".into()))
+            }
+            Ok(ractor::rpc::CallResult::SenderError) => Err(SessionError::Unavailable(
+                "session stopped before answering".into(),
+            )),
+            Err(e) => Err(SessionError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// The event log of one of the user's threads.
+    pub async fn subscribe(
+        &self,
+        user_id: Uuid,
+        thread_id: Uuid,
+    ) -> Result<std::sync::Arc<ThreadEvents>, SessionError> {
+        self.request(user_id, |reply| {
+            UserSessionMessage::Subscribe(thread_id, reply)
+        })
+        .await
+    }
+
+    pub async fn cancel_turn(
+        &self,
+        user_id: Uuid,
+        thread_id: Uuid,
+        turn_id: Uuid,
+    ) -> Result<(), SessionError> {
+        self.request(user_id, |reply| {
+            UserSessionMessage::CancelTurn(thread_id, turn_id, reply)
+        })
+        .await
+    }
+
+    pub async fn summarize(
+        &self,
+        user_id: Uuid,
+        thread_id: Uuid,
+        model: Option<String>,
+    ) -> Result<crate::store::Summary, SessionError> {
+        self.request(user_id, |reply| {
+            UserSessionMessage::Summarize(thread_id, model.clone(), reply)
         })
         .await
     }

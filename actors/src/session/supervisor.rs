@@ -9,18 +9,21 @@ use uuid::Uuid;
 
 use super::user_session::{UserSession, UserSessionArgs, UserSessionMessage};
 use super::{LiveSessions, SessionConfig};
+use crate::provider::catalogue::Catalogue;
 use crate::store::Store;
 
 pub struct SessionSupervisor;
 
 pub struct SessionSupervisorArgs {
     pub store: Arc<dyn Store>,
+    pub catalogue: Arc<Catalogue>,
     pub config: SessionConfig,
     pub live: LiveSessions,
 }
 
 pub struct SessionSupervisorState {
     store: Arc<dyn Store>,
+    catalogue: Arc<Catalogue>,
     config: SessionConfig,
     live: LiveSessions,
     /// Reverse index so a supervision event (which names an actor) finds its user.
@@ -48,6 +51,7 @@ impl Actor for SessionSupervisor {
     ) -> Result<Self::State, ActorProcessingErr> {
         Ok(SessionSupervisorState {
             store: args.store,
+            catalogue: args.catalogue,
             config: args.config,
             live: args.live,
             users_by_actor: HashMap::new(),
@@ -128,7 +132,9 @@ async fn get_or_spawn(
     let args = UserSessionArgs {
         user_id,
         store: state.store.clone(),
+        catalogue: state.catalogue.clone(),
         idle_timeout: state.config.idle_timeout,
+        turn_timeouts: state.config.turn_timeouts,
     };
     // Unnamed: ractor's name registry is process-global, and sessions are many and short-lived.
     let (session, _handle) = Actor::spawn_linked(None, UserSession, args, myself.get_cell())

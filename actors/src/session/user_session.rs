@@ -1,36 +1,67 @@
 //! `UserSession`: the home of one user's state on this node.
 //!
 //! Every change to the user's threads and profile is a message here, handled one at a time, so
-//! two concurrent requests of the same user never interleave their read-modify-write. The actor
-//! keeps no copy of stored data yet (later: quotas, live turns, the thread-search index); it stops
-//! itself after `idle_timeout` without messages.
+//! two concurrent requests of the same user never interleave their read-modify-write. It owns the
+//! user's live turns (children `Turn` actors) and the per-thread event logs clients read, and
+//! stops itself after `idle_timeout` without messages — but never while a turn runs or a client
+//! is still reading a log.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use ractor::concurrency::JoinHandle;
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use ractor_cluster::RactorMessage;
+use serde_json::json;
+use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
-use super::{NewThread, ProfilePatch, SessionError, ThreadPatch};
-use crate::store::{ApiKey, ProviderKey, Store, Thread, User};
+use super::context::{self, count_tokens};
+use super::events::ThreadEvents;
+use super::turn::{LegResult, Turn, TurnArgs, TurnLeg, TurnTimeouts};
+use super::{NewThread, ProfilePatch, SendMessage, SessionError, ThreadPatch, TurnStarted};
+use crate::provider::catalogue::{Catalogue, Model};
+use crate::provider::{ChatMessage, ChatRequest, ChatRole};
+use crate::store::{
+    ApiKey, Message, MessageQuery, MessageRole, MessageStatus, Order, ProviderKey, Store, Summary,
+    Thread, Usage, User,
+};
 
 pub struct UserSession;
 
 pub struct UserSessionArgs {
     pub user_id: Uuid,
     pub store: Arc<dyn Store>,
+    pub catalogue: Arc<Catalogue>,
     pub idle_timeout: Duration,
+    pub turn_timeouts: TurnTimeouts,
+}
+
+/// A turn that is still running.
+struct LiveTurn {
+    thread_id: Uuid,
+    cancel: watch::Sender<bool>,
+    actor: ActorId,
+    message_ids: Vec<Uuid>,
+    /// Models whose context dropped older messages: a summary is due after the turn.
+    summarize: Vec<String>,
+    /// The thread had no title when the turn started: give it one from the first exchange.
+    title_from: Option<(String, Model)>,
 }
 
 pub struct UserSessionState {
     user_id: Uuid,
     store: Arc<dyn Store>,
+    catalogue: Arc<Catalogue>,
     idle_timeout: Duration,
+    turn_timeouts: TurnTimeouts,
     last_active: Instant,
     idle_timer: Option<JoinHandle<()>>,
+    /// Event logs by thread, kept while the session lives so clients can resume.
+    logs: HashMap<Uuid, Arc<ThreadEvents>>,
+    turns: HashMap<Uuid, LiveTurn>,
 }
 
 #[derive(RactorMessage)]
@@ -48,6 +79,30 @@ pub enum UserSessionMessage {
     DeleteApiKey(Uuid, RpcReplyPort<Result<(), SessionError>>),
     PutProviderKey(ProviderKey, RpcReplyPort<Result<(), SessionError>>),
     DeleteProviderKey(String, RpcReplyPort<Result<(), SessionError>>),
+    /// Stores the user message, then starts a `Turn` answering it.
+    StartTurn(
+        Uuid,
+        SendMessage,
+        RpcReplyPort<Result<TurnStarted, SessionError>>,
+    ),
+    /// The event log of a thread the user owns, to read live and past events.
+    Subscribe(Uuid, RpcReplyPort<Result<Arc<ThreadEvents>, SessionError>>),
+    /// Cancels a live turn of a thread.
+    CancelTurn(Uuid, Uuid, RpcReplyPort<Result<(), SessionError>>),
+    /// Folds the older part of a model's conversation into its summary now.
+    Summarize(
+        Uuid,
+        Option<String>,
+        RpcReplyPort<Result<Summary, SessionError>>,
+    ),
+    /// Sent by a `Turn` after every leg is stored and `done` is logged.
+    TurnFinished {
+        turn_id: Uuid,
+        thread_id: Uuid,
+        results: Vec<LegResult>,
+    },
+    /// A generated title for a thread that had none (from a background task).
+    TitleGenerated(Uuid, String),
     /// Periodic self-check: stop when idle for `idle_timeout`.
     IdleCheck,
 }
@@ -68,19 +123,57 @@ impl Actor for UserSession {
         Ok(UserSessionState {
             user_id: args.user_id,
             store: args.store,
+            catalogue: args.catalogue,
             idle_timeout: args.idle_timeout,
+            turn_timeouts: args.turn_timeouts,
             last_active: Instant::now(),
             idle_timer: Some(idle_timer),
+            logs: HashMap::new(),
+            turns: HashMap::new(),
         })
     }
 
     async fn post_stop(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         if let Some(timer) = state.idle_timer.take() {
             timer.abort();
+        }
+        // Stopping with turns still running (node shutdown): cancel them, let them store what
+        // they have as `interrupted`, then settle anything they could not.
+        for turn in state.turns.values() {
+            turn.cancel.send_replace(true);
+        }
+        myself
+            .stop_children_and_wait(None, Some(Duration::from_secs(5)))
+            .await;
+        let turns: Vec<(Uuid, LiveTurn)> = state.turns.drain().collect();
+        for (turn_id, turn) in turns {
+            settle_abandoned(state, turn_id, &turn, "the server stopped during this turn").await;
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let SupervisionEvent::ActorFailed(cell, error) = event {
+            let failed = state
+                .turns
+                .iter()
+                .find(|(_, t)| t.actor == cell.get_id())
+                .map(|(id, _)| *id);
+            if let Some(turn_id) = failed
+                && let Some(turn) = state.turns.remove(&turn_id)
+            {
+                tracing::error!(%turn_id, error = %error, "turn crashed; settling it as failed");
+                settle_abandoned(state, turn_id, &turn, "the turn failed unexpectedly").await;
+            }
         }
         Ok(())
     }
@@ -94,7 +187,13 @@ impl Actor for UserSession {
         // Replies are best-effort: a caller that timed out has gone, and the work is done anyway.
         match message {
             UserSessionMessage::IdleCheck => {
-                if state.last_active.elapsed() >= state.idle_timeout {
+                // Readers hold the log's Arc: a client still watching keeps the session alive,
+                // or it would wait on a log no turn writes to any more.
+                let watched = state.logs.values().any(|log| Arc::strong_count(log) > 1);
+                if state.turns.is_empty()
+                    && !watched
+                    && state.last_active.elapsed() >= state.idle_timeout
+                {
                     tracing::debug!(user_id = %state.user_id, "passivating idle user session");
                     myself.stop(Some("idle".into()));
                 }
@@ -125,6 +224,37 @@ impl Actor for UserSession {
                     Err(SessionError::NotFound)
                 };
                 let _ = reply.send(result);
+            }
+            UserSessionMessage::StartTurn(thread_id, send, reply) => {
+                let _ = reply.send(start_turn(&myself, state, thread_id, send).await);
+            }
+            UserSessionMessage::Subscribe(thread_id, reply) => {
+                let _ = reply.send(subscribe(state, thread_id).await);
+            }
+            UserSessionMessage::CancelTurn(thread_id, turn_id, reply) => {
+                let result = match state.turns.get(&turn_id) {
+                    Some(turn) if turn.thread_id == thread_id => {
+                        turn.cancel.send_replace(true);
+                        Ok(())
+                    }
+                    _ => Err(SessionError::NotFound),
+                };
+                let _ = reply.send(result);
+            }
+            UserSessionMessage::Summarize(thread_id, model, reply) => {
+                let _ = reply.send(summarize(state, thread_id, model).await);
+            }
+            UserSessionMessage::TurnFinished {
+                turn_id,
+                thread_id,
+                results,
+            } => {
+                turn_finished(&myself, state, turn_id, thread_id, results).await;
+            }
+            UserSessionMessage::TitleGenerated(thread_id, title) => {
+                if let Err(e) = set_title(state, thread_id, title).await {
+                    tracing::warn!(error = %e, %thread_id, "storing a generated title failed");
+                }
             }
             UserSessionMessage::DeleteProviderKey(provider, reply) => {
                 let result = match state
@@ -250,5 +380,522 @@ async fn delete_api_key(state: &UserSessionState, key_id: Uuid) -> Result<(), Se
         Ok(())
     } else {
         Err(SessionError::NotFound)
+    }
+}
+
+/// How many models one message may ask for at once.
+const MAX_MODELS_PER_TURN: usize = 4;
+
+fn log_for(state: &mut UserSessionState, thread_id: Uuid) -> Arc<ThreadEvents> {
+    state
+        .logs
+        .entry(thread_id)
+        .or_insert_with(|| ThreadEvents::new(thread_id))
+        .clone()
+}
+
+async fn subscribe(
+    state: &mut UserSessionState,
+    thread_id: Uuid,
+) -> Result<Arc<ThreadEvents>, SessionError> {
+    if !state.logs.contains_key(&thread_id)
+        && state
+            .store
+            .get_thread(state.user_id, thread_id)
+            .await?
+            .is_none()
+    {
+        return Err(SessionError::NotFound);
+    }
+    Ok(log_for(state, thread_id))
+}
+
+/// The models a message goes to: the request's, else the thread's, else the user's default,
+/// else the catalogue's first chat model.
+fn resolve_models(
+    state: &UserSessionState,
+    requested: &[String],
+    thread: &Thread,
+    user: &User,
+) -> Result<Vec<Model>, SessionError> {
+    let mut ids: Vec<String> = requested.to_vec();
+    if ids.is_empty() {
+        let fallback = thread
+            .model
+            .clone()
+            .or_else(|| user.settings.default_model.clone())
+            .or_else(|| {
+                state
+                    .catalogue
+                    .default_chat_model()
+                    .map(|m| m.spec.id.clone())
+            })
+            .ok_or_else(|| SessionError::Invalid("no chat model is enabled".into()))?;
+        ids.push(fallback);
+    }
+    let mut seen = std::collections::HashSet::new();
+    ids.retain(|id| seen.insert(id.clone()));
+    if ids.len() > MAX_MODELS_PER_TURN {
+        return Err(SessionError::Invalid(format!(
+            "at most {MAX_MODELS_PER_TURN} models per message"
+        )));
+    }
+    ids.iter()
+        .map(|id| {
+            state
+                .catalogue
+                .get(id)
+                .filter(|m| m.can("chat"))
+                .cloned()
+                .ok_or_else(|| {
+                    SessionError::Invalid(format!(
+                        "model `{id}` is unknown or not enabled on this server (see /api/v1/models)"
+                    ))
+                })
+        })
+        .collect()
+}
+
+/// The first words of a prompt, as a provisional title.
+fn title_from_prompt(prompt: &str) -> String {
+    const WORDS: usize = 8;
+    let words: Vec<&str> = prompt.split_whitespace().collect();
+    let mut title = words
+        .iter()
+        .take(WORDS)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ");
+    if title.chars().count() > 80 {
+        title = title.chars().take(80).collect();
+    }
+    if words.len() > WORDS {
+        title.push('…');
+    }
+    title
+}
+
+/// A message of this turn with defaults; callers set role, model, content, status, parent.
+fn new_message(state: &UserSessionState, thread_id: Uuid, turn_id: Uuid) -> Message {
+    Message {
+        user_id: state.user_id,
+        thread_id,
+        id: Uuid::now_v7(),
+        role: MessageRole::User,
+        model: None,
+        content: String::new(),
+        status: MessageStatus::Complete,
+        usage: Usage::default(),
+        cost_usd: 0.0,
+        latency_ms: None,
+        ttft_ms: None,
+        provider: None,
+        parent_id: None,
+        turn_id: Some(turn_id),
+        created_at: Utc::now(),
+    }
+}
+
+async fn start_turn(
+    myself: &ActorRef<UserSessionMessage>,
+    state: &mut UserSessionState,
+    thread_id: Uuid,
+    send: SendMessage,
+) -> Result<TurnStarted, SessionError> {
+    let store = state.store.clone();
+    let mut thread = store
+        .get_thread(state.user_id, thread_id)
+        .await?
+        .ok_or(SessionError::NotFound)?;
+    let user = store
+        .get_user(state.user_id)
+        .await?
+        .ok_or(SessionError::NotFound)?;
+    let models = resolve_models(state, &send.models, &thread, &user)?;
+    let turn_id = Uuid::now_v7();
+
+    // Nothing accepted is lost: the user's message is stored before any provider is called.
+    let user_message = Message {
+        model: (models.len() == 1).then(|| models[0].spec.id.clone()),
+        content: send.content.clone(),
+        ..new_message(state, thread_id, turn_id)
+    };
+    store.append_message(&user_message).await?;
+
+    let mut title_from = None;
+    if thread.title.is_none() {
+        thread.title = Some(title_from_prompt(&send.content));
+        thread.updated_at = Utc::now();
+        store.update_thread(&thread).await?;
+        if !models[0].is_mock() {
+            title_from = Some((send.content.clone(), models[0].clone()));
+        }
+    }
+
+    let mut history = store
+        .list_messages(
+            state.user_id,
+            thread_id,
+            &MessageQuery {
+                limit: 200,
+                cursor: None,
+                order: Order::Desc,
+                model: None,
+            },
+        )
+        .await?
+        .items;
+    history.reverse();
+    let system_prompt = thread
+        .system_prompt
+        .clone()
+        .or_else(|| user.settings.system_prompt.clone());
+    let temperature = send.temperature.or(user.settings.temperature);
+
+    let mut legs = Vec::with_capacity(models.len());
+    let mut assistant_messages = Vec::with_capacity(models.len());
+    let mut summarize = Vec::new();
+    for model in models {
+        let summary = store
+            .get_summary(state.user_id, thread_id, &model.spec.id)
+            .await?;
+        let max_tokens = send
+            .max_tokens
+            .unwrap_or(model.spec.max_output_tokens)
+            .min(model.spec.max_output_tokens.max(1));
+        let (request, stats) = context::assemble(
+            &model,
+            system_prompt.as_deref(),
+            summary.as_ref(),
+            &history,
+            max_tokens,
+            temperature,
+        );
+        if stats.messages_dropped > 0 {
+            summarize.push(model.spec.id.clone());
+        }
+        let message = Message {
+            role: MessageRole::Assistant,
+            model: Some(model.spec.id.clone()),
+            status: MessageStatus::Streaming,
+            parent_id: Some(user_message.id),
+            ..new_message(state, thread_id, turn_id)
+        };
+        store.append_message(&message).await?;
+        assistant_messages.push(message.clone());
+        legs.push(TurnLeg {
+            model,
+            message,
+            request,
+            estimated_input_tokens: stats.estimated_tokens as u64,
+        });
+    }
+
+    let log = log_for(state, thread_id);
+    let from_seq = log.next_seq();
+    let (cancel, cancel_rx) = watch::channel(false);
+    let (first_tx, first_rx) = oneshot::channel();
+    let message_ids = assistant_messages.iter().map(|m| m.id).collect();
+    let args = TurnArgs {
+        turn_id,
+        thread_id,
+        user_message_id: user_message.id,
+        legs,
+        log: log.clone(),
+        store,
+        cancel: cancel_rx,
+        session: myself.clone(),
+        first_outcome: Some(first_tx),
+        timeouts: state.turn_timeouts,
+        usage_period: usage_period(),
+    };
+    let (turn, _) = Actor::spawn_linked(None, Turn, args, myself.get_cell())
+        .await
+        .map_err(|e| SessionError::Unavailable(format!("starting the turn: {e}")))?;
+    state.turns.insert(
+        turn_id,
+        LiveTurn {
+            thread_id,
+            cancel,
+            actor: turn.get_id(),
+            message_ids,
+            summarize,
+            title_from,
+        },
+    );
+    Ok(TurnStarted {
+        turn_id,
+        user_message,
+        assistant_messages,
+        log,
+        from_seq,
+        first_outcome: first_rx,
+    })
+}
+
+/// The calendar month in UTC (`YYYY-MM`): the period of monthly usage counters.
+pub fn usage_period() -> String {
+    Utc::now().format("%Y-%m").to_string()
+}
+
+async fn turn_finished(
+    myself: &ActorRef<UserSessionMessage>,
+    state: &mut UserSessionState,
+    turn_id: Uuid,
+    thread_id: Uuid,
+    results: Vec<LegResult>,
+) {
+    let Some(turn) = state.turns.remove(&turn_id) else {
+        return;
+    };
+    if let Some((prompt, model)) = turn.title_from {
+        let answered = results
+            .iter()
+            .any(|r| r.message.status == MessageStatus::Complete);
+        if answered {
+            spawn_title_generation(myself.clone(), thread_id, prompt, model);
+        }
+    }
+    for model in turn.summarize {
+        if let Err(e) = summarize(state, thread_id, Some(model.clone())).await {
+            tracing::warn!(error = %e, %thread_id, model, "background summary failed");
+        }
+    }
+}
+
+/// Asks the model for a short title off the session's mailbox; the answer comes back as a
+/// message so the write is still serialized here.
+fn spawn_title_generation(
+    session: ActorRef<UserSessionMessage>,
+    thread_id: Uuid,
+    prompt: String,
+    model: Model,
+) {
+    tokio::spawn(async move {
+        let request = ChatRequest {
+            model: model.spec.upstream.clone(),
+            system: Some(
+                "Write a title of at most six words for a conversation that starts with the \
+                 user's message below. Answer with the title only, no quotes."
+                    .into(),
+            ),
+            messages: vec![ChatMessage {
+                role: ChatRole::User,
+                content: prompt.chars().take(2000).collect(),
+            }],
+            max_tokens: Some(20),
+            temperature: Some(0.2),
+        };
+        match model.provider.complete(request).await {
+            Ok(done) => {
+                let title = done.text.trim().trim_matches('"').trim().to_owned();
+                if !title.is_empty() {
+                    let title: String = title.chars().take(80).collect();
+                    let _ = session.cast(UserSessionMessage::TitleGenerated(thread_id, title));
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, %thread_id, "title generation failed"),
+        }
+    });
+}
+
+async fn set_title(
+    state: &UserSessionState,
+    thread_id: Uuid,
+    title: String,
+) -> Result<(), SessionError> {
+    if let Some(mut thread) = state.store.get_thread(state.user_id, thread_id).await? {
+        thread.title = Some(title);
+        state.store.update_thread(&thread).await?;
+    }
+    Ok(())
+}
+
+/// Messages of a model's conversation that stay verbatim; older ones are folded.
+const KEEP_RECENT: usize = 6;
+
+async fn summarize(
+    state: &UserSessionState,
+    thread_id: Uuid,
+    model_id: Option<String>,
+) -> Result<Summary, SessionError> {
+    let store = &state.store;
+    let thread = store
+        .get_thread(state.user_id, thread_id)
+        .await?
+        .ok_or(SessionError::NotFound)?;
+    let model_id = match model_id.or(thread.model.clone()) {
+        Some(id) => id,
+        None => state
+            .catalogue
+            .default_chat_model()
+            .map(|m| m.spec.id.clone())
+            .ok_or_else(|| SessionError::Invalid("no chat model is enabled".into()))?,
+    };
+    let model = state.catalogue.get(&model_id).cloned().ok_or_else(|| {
+        SessionError::Invalid(format!("model `{model_id}` is unknown or not enabled"))
+    })?;
+    let previous = store
+        .get_summary(state.user_id, thread_id, &model_id)
+        .await?;
+    let mut history = store
+        .list_messages(
+            state.user_id,
+            thread_id,
+            &MessageQuery {
+                limit: 100,
+                cursor: None,
+                order: Order::Desc,
+                model: None,
+            },
+        )
+        .await?
+        .items;
+    history.reverse();
+    let conversation: Vec<&Message> = history
+        .iter()
+        .filter(|m| {
+            !m.content.is_empty()
+                && (m.role == MessageRole::User || m.model.as_deref() == Some(model_id.as_str()))
+                && previous.as_ref().is_none_or(|p| m.id > p.covers_until)
+        })
+        .collect();
+    let fold = conversation.len().saturating_sub(KEEP_RECENT);
+    let Some(last_folded) = conversation.get(fold.wrapping_sub(1)).filter(|_| fold > 0) else {
+        // Nothing new to fold: the current summary (or an empty one) stands.
+        return Ok(previous.unwrap_or(Summary {
+            user_id: state.user_id,
+            thread_id,
+            model: model_id,
+            text: String::new(),
+            covers_until: Uuid::nil(),
+            updated_at: Utc::now(),
+        }));
+    };
+    let folded = &conversation[..fold];
+    let text = if model.is_mock() {
+        // Mock models cannot summarize; a deterministic digest keeps the feature testable.
+        mock_digest(previous.as_ref().map(|p| p.text.as_str()), folded)
+    } else {
+        let mut transcript = String::new();
+        if let Some(p) = &previous {
+            transcript.push_str(&format!("Earlier summary: {}\n\n", p.text));
+        }
+        for m in folded {
+            let who = if m.role == MessageRole::User {
+                "User"
+            } else {
+                "Assistant"
+            };
+            transcript.push_str(&format!("{who}: {}\n", m.content));
+        }
+        let budget = model.spec.context_length as usize / 2;
+        while count_tokens(&model, &transcript) > budget && transcript.len() > 1000 {
+            let cut = transcript.len() / 4;
+            let cut = (cut..transcript.len())
+                .find(|i| transcript.is_char_boundary(*i))
+                .unwrap_or(0);
+            transcript.drain(..cut);
+        }
+        let request = ChatRequest {
+            model: model.spec.upstream.clone(),
+            system: Some(
+                "Summarize the conversation below in a few sentences, keeping names, facts, \
+                 decisions and open questions. Answer with the summary only."
+                    .into(),
+            ),
+            messages: vec![ChatMessage {
+                role: ChatRole::User,
+                content: transcript,
+            }],
+            max_tokens: Some(400),
+            temperature: Some(0.2),
+        };
+        model
+            .provider
+            .complete(request)
+            .await
+            .map_err(SessionError::Provider)?
+            .text
+    };
+    let summary = Summary {
+        user_id: state.user_id,
+        thread_id,
+        model: model_id,
+        text,
+        covers_until: last_folded.id,
+        updated_at: Utc::now(),
+    };
+    store.upsert_summary(&summary).await?;
+    Ok(summary)
+}
+
+fn mock_digest(previous: Option<&str>, folded: &[&Message]) -> String {
+    let mut parts: Vec<String> = previous
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+        .into_iter()
+        .collect();
+    for m in folded {
+        let who = if m.role == MessageRole::User {
+            "user"
+        } else {
+            "assistant"
+        };
+        let words: Vec<&str> = m.content.split_whitespace().take(8).collect();
+        parts.push(format!("{who}: {}", words.join(" ")));
+    }
+    parts.join("; ")
+}
+
+/// Settles the messages of a turn that ended without settling them itself (it crashed, or the
+/// session stopped): what was stored stays, the status becomes `failed`, and readers get the
+/// `error`, `message_complete` and `done` events they wait for.
+async fn settle_abandoned(state: &UserSessionState, turn_id: Uuid, turn: &LiveTurn, reason: &str) {
+    let log = state.logs.get(&turn.thread_id).cloned();
+    for &message_id in &turn.message_ids {
+        let Ok(Some(mut message)) = state
+            .store
+            .get_message(state.user_id, turn.thread_id, message_id)
+            .await
+        else {
+            continue;
+        };
+        if message.status != MessageStatus::Streaming {
+            continue;
+        }
+        message.status = MessageStatus::Failed;
+        if let Err(e) = state.store.update_message(&message).await {
+            tracing::error!(error = %e, %message_id, "settling an abandoned message failed");
+        }
+        if let Some(log) = &log {
+            log.append(
+                turn_id,
+                "error",
+                &json!({ "message_id": message_id, "code": "internal", "message": reason, "retryable": true }),
+            );
+            log.append(
+                turn_id,
+                "message_complete",
+                &json!({ "message_id": message_id, "status": "failed" }),
+            );
+        }
+    }
+    if let Some(log) = &log {
+        log.append(turn_id, "done", &json!({ "turn_id": turn_id }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provisional_titles_are_the_first_words() {
+        assert_eq!(title_from_prompt("  hello   there "), "hello there");
+        assert_eq!(
+            title_from_prompt("one two three four five six seven eight nine ten"),
+            "one two three four five six seven eight…"
+        );
     }
 }

@@ -1,0 +1,199 @@
+//! The per-thread event log that turns write and clients read (SSE, WebSocket, resume).
+//!
+//! Events get sequence numbers that only grow, also across session restarts: a log starts at the
+//! current time in microseconds, so a resuming client's `Last-Event-ID` from an older log is
+//! always below the new log's numbers and it simply receives everything retained. Each event is
+//! serialized once when appended; any number of readers share it.
+//!
+//! Readers never buffer: they copy what follows their cursor out of the log and wait on a `watch`
+//! of the newest sequence number, so a slow client costs memory only in the bounded log itself.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+/// One event as clients see it: `id: seq`, `event: name`, `data: json`.
+#[derive(Debug)]
+pub struct EventRecord {
+    pub seq: u64,
+    pub turn_id: Uuid,
+    pub name: &'static str,
+    /// The JSON object of the event's data, serialized once.
+    pub data: String,
+}
+
+impl EventRecord {
+    pub fn is_done(&self) -> bool {
+        self.name == "done"
+    }
+}
+
+/// Most events a thread keeps for replay; older ones fall off (clients then re-read messages).
+const MAX_RETAINED: usize = 20_000;
+
+struct LogInner {
+    events: VecDeque<Arc<EventRecord>>,
+    next_seq: u64,
+}
+
+pub struct ThreadEvents {
+    thread_id: Uuid,
+    inner: Mutex<LogInner>,
+    newest: watch::Sender<u64>,
+}
+
+impl ThreadEvents {
+    pub fn new(thread_id: Uuid) -> Arc<ThreadEvents> {
+        let base = chrono::Utc::now().timestamp_micros().max(1) as u64;
+        let (newest, _) = watch::channel(base - 1);
+        Arc::new(ThreadEvents {
+            thread_id,
+            inner: Mutex::new(LogInner {
+                events: VecDeque::new(),
+                next_seq: base,
+            }),
+            newest,
+        })
+    }
+
+    pub fn thread_id(&self) -> Uuid {
+        self.thread_id
+    }
+
+    /// Appends an event and wakes readers; returns its sequence number.
+    pub fn append<T: Serialize>(&self, turn_id: Uuid, name: &'static str, data: &T) -> u64 {
+        let data = serde_json::to_string(data).unwrap_or_else(|_| "{}".to_owned());
+        let seq = {
+            let Ok(mut inner) = self.inner.lock() else {
+                return 0;
+            };
+            let seq = inner.next_seq;
+            inner.next_seq += 1;
+            inner.events.push_back(Arc::new(EventRecord {
+                seq,
+                turn_id,
+                name,
+                data,
+            }));
+            if inner.events.len() > MAX_RETAINED {
+                inner.events.pop_front();
+            }
+            seq
+        };
+        self.newest.send_replace(seq);
+        seq
+    }
+
+    /// The sequence number the next event will get (a cursor "from now on" is this minus one).
+    pub fn next_seq(&self) -> u64 {
+        self.inner.lock().map(|i| i.next_seq).unwrap_or(0)
+    }
+
+    /// Up to `max` retained events with `seq > after`, oldest first.
+    pub fn read_after(&self, after: u64, max: usize) -> Vec<Arc<EventRecord>> {
+        let Ok(inner) = self.inner.lock() else {
+            return Vec::new();
+        };
+        let start = inner.events.partition_point(|e| e.seq <= after);
+        inner.events.range(start..).take(max).cloned().collect()
+    }
+
+    /// A reader positioned after `after`.
+    pub fn reader(self: &Arc<Self>, after: u64) -> EventReader {
+        EventReader {
+            log: self.clone(),
+            cursor: after,
+            newest: self.newest.subscribe(),
+        }
+    }
+}
+
+/// A cursor over one thread's log.
+pub struct EventReader {
+    log: Arc<ThreadEvents>,
+    cursor: u64,
+    newest: watch::Receiver<u64>,
+}
+
+impl EventReader {
+    /// The next batch after the cursor, waiting until there is one. `None` when the log is gone
+    /// (its session stopped and dropped it).
+    pub async fn next_batch(&mut self, max: usize) -> Option<Vec<Arc<EventRecord>>> {
+        loop {
+            // Mark the current value seen *before* reading, so an append between the read and the
+            // wait still wakes us.
+            self.newest.borrow_and_update();
+            let batch = self.log.read_after(self.cursor, max);
+            if let Some(last) = batch.last() {
+                self.cursor = last.seq;
+                return Some(batch);
+            }
+            if self.newest.changed().await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    pub fn cursor(&self) -> u64 {
+        self.cursor
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[tokio::test]
+    async fn readers_replay_then_follow_live() {
+        let log = ThreadEvents::new(Uuid::now_v7());
+        let turn = Uuid::now_v7();
+        let first = log.append(turn, "message_start", &json!({"n": 1}));
+        let second = log.append(turn, "delta", &json!({"n": 2}));
+        assert_eq!(second, first + 1);
+
+        let mut from_start = log.reader(0);
+        let batch = from_start.next_batch(10).await.unwrap();
+        assert_eq!(
+            batch.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![first, second]
+        );
+
+        let mut resumed = log.reader(first);
+        assert_eq!(resumed.next_batch(10).await.unwrap()[0].seq, second);
+
+        let waiter = tokio::spawn(async move { from_start.next_batch(10).await });
+        tokio::task::yield_now().await;
+        let third = log.append(turn, "done", &json!({}));
+        let live = waiter.await.unwrap().unwrap();
+        assert_eq!(live.len(), 1);
+        assert_eq!(live[0].seq, third);
+        assert!(live[0].is_done());
+        assert_eq!(live[0].data, "{}");
+    }
+
+    #[tokio::test]
+    async fn a_new_log_numbers_after_an_old_one() {
+        let old = ThreadEvents::new(Uuid::now_v7());
+        let last_old = old.append(Uuid::now_v7(), "done", &json!({}));
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        let new = ThreadEvents::new(Uuid::now_v7());
+        assert!(new.next_seq() > last_old);
+        // A client resuming with an id from the old log gets everything in the new one.
+        let first_new = new.append(Uuid::now_v7(), "message_start", &json!({}));
+        assert_eq!(new.read_after(last_old, 10)[0].seq, first_new);
+    }
+
+    #[test]
+    fn retention_is_bounded() {
+        let log = ThreadEvents::new(Uuid::now_v7());
+        let turn = Uuid::now_v7();
+        for _ in 0..MAX_RETAINED + 10 {
+            log.append(turn, "delta", &json!({}));
+        }
+        assert_eq!(log.read_after(0, usize::MAX).len(), MAX_RETAINED);
+    }
+}

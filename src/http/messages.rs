@@ -1,0 +1,382 @@
+//! Chat turns at the edge: send a message (SSE or a settled answer), watch a thread's events
+//! with resume, cancel a turn, summarize now.
+//!
+//! The edge never runs the turn: it asks the user's session to start it and then only reads the
+//! thread's event log. A client that disconnects drops its reader and nothing else.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chorus_actors::provider::ProviderError;
+use chorus_actors::session::events::{EventReader, EventRecord, ThreadEvents};
+use chorus_actors::session::turn::FirstOutcome;
+use chorus_actors::session::{SendMessage, SessionError};
+use futures_util::{Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use uuid::Uuid;
+use warp::Reply;
+use warp::http::StatusCode;
+use warp::reply::Response;
+
+use super::context::{Body, Ctx, json_response};
+use super::error::{ApiError, ErrorCode};
+use super::validate;
+use super::views::MessageView;
+
+/// Events copied out of the log per wake-up.
+const BATCH: usize = 256;
+
+fn ids(thread: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(thread).map_err(|_| ApiError::not_found("thread"))
+}
+
+fn session_error(error: SessionError, what: &str) -> ApiError {
+    match error {
+        SessionError::NotFound => ApiError::not_found(what),
+        SessionError::Invalid(message) => ApiError::validation(message),
+        SessionError::Provider(e) => provider_error(&e),
+        other => other.into(),
+    }
+}
+
+/// A provider failure before any output, as an HTTP error.
+pub fn provider_error(error: &ProviderError) -> ApiError {
+    let details = json!({
+        "class": error.class(),
+        "retryable": error.retryable(),
+        "retry_after": error.retry_after().map(|d| d.as_secs_f64().ceil() as u64),
+    });
+    match error {
+        ProviderError::ContextTooLong { .. } => ApiError::new(
+            ErrorCode::Validation,
+            "the message and its context exceed the model's context window",
+        ),
+        ProviderError::RateLimited { retry_after, .. } => ApiError::rate_limited(
+            chorus_actors::quota::Decision {
+                allowed: false,
+                limit: 0,
+                remaining: 0,
+                reset_after: retry_after.unwrap_or(Duration::from_secs(1)),
+                retry_after: retry_after.unwrap_or(Duration::from_secs(1)),
+            },
+            "the model provider is rate limiting; retry later",
+        ),
+        other => ApiError::new(
+            ErrorCode::ProviderError,
+            format!("model provider failed: {other}"),
+        ),
+    }
+    .with_details(details)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendBody {
+    content: String,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    models: Option<Vec<String>>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    temperature: Option<f64>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    web_search: Option<bool>,
+    #[serde(default)]
+    document_ids: Option<Vec<String>>,
+}
+
+pub async fn send(ctx: Ctx, thread: String, body: Body) -> Result<Response, ApiError> {
+    let principal = ctx.authenticate()?;
+    let thread_id = ids(&thread)?;
+    let body: SendBody = ctx.json(body).await?;
+    let send = validate_send(
+        &ctx,
+        body.content,
+        body.model,
+        body.models,
+        body.temperature,
+        body.max_tokens,
+    )?;
+    if body.web_search == Some(true) {
+        return Err(ApiError::field(
+            "web_search",
+            "web search is not available on this server yet",
+        ));
+    }
+    if body.document_ids.is_some_and(|d| !d.is_empty()) {
+        return Err(ApiError::field(
+            "document_ids",
+            "documents are not available on this server yet",
+        ));
+    }
+    let stream = body.stream.unwrap_or(true);
+    let started = ctx
+        .state
+        .sessions
+        .start_turn(principal.user_id, thread_id, send)
+        .await
+        .map_err(|e| session_error(e, "thread"))?;
+
+    // Peek at the first outcome before committing to a 200: a provider that fails before any
+    // output gets a real status code (STYLE.md, habit 6).
+    let wait = ctx.state.config.sessions.turn_timeouts.first_token + Duration::from_secs(5);
+    if let Ok(Ok(FirstOutcome::AllFailed(error))) =
+        tokio::time::timeout(wait, started.first_outcome).await
+    {
+        return Err(provider_error(&error).with_details(json!({
+            "class": error.class(),
+            "retryable": error.retryable(),
+            "user_message_id": started.user_message.id,
+            "turn_id": started.turn_id,
+        })));
+    }
+
+    if stream {
+        let events = turn_events(started.log.reader(started.from_seq - 1), started.turn_id);
+        return Ok(sse_response(events, ctx.state.config.keep_alive));
+    }
+
+    // Not streaming: wait for the turn to settle, then answer with the stored messages.
+    let mut reader = started.log.reader(started.from_seq - 1);
+    'wait: while let Some(batch) = reader.next_batch(BATCH).await {
+        for event in batch {
+            if event.turn_id == started.turn_id && event.is_done() {
+                break 'wait;
+            }
+        }
+    }
+    let store = &ctx.state.store;
+    let mut assistant = Vec::with_capacity(started.assistant_messages.len());
+    for placeholder in &started.assistant_messages {
+        if let Some(message) = store
+            .get_message(principal.user_id, thread_id, placeholder.id)
+            .await?
+        {
+            assistant.push(message);
+        }
+    }
+    let views: Vec<MessageView> = assistant.iter().map(MessageView::from).collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "turn_id": started.turn_id,
+            "user_message": MessageView::from(&started.user_message),
+            "assistant_messages": views,
+        }),
+    ))
+}
+
+/// Validates the fields a message shares between the native and WebSocket APIs.
+pub fn validate_send(
+    ctx: &Ctx,
+    content: String,
+    model: Option<String>,
+    models: Option<Vec<String>>,
+    temperature: Option<f64>,
+    max_tokens: Option<u32>,
+) -> Result<SendMessage, ApiError> {
+    let max_chars = ctx.state.config.limits.message_max_chars;
+    if content.trim().is_empty() {
+        return Err(ApiError::field("content", "must not be empty"));
+    }
+    if content.chars().count() > max_chars {
+        return Err(ApiError::field(
+            "content",
+            format!("must be at most {max_chars} characters"),
+        ));
+    }
+    if model.is_some() && models.is_some() {
+        return Err(ApiError::validation(
+            "give either `model` or `models`, not both",
+        ));
+    }
+    let mut list = Vec::new();
+    for m in models.unwrap_or_default().into_iter().chain(model) {
+        if let Some(valid) = validate::model("model", Some(m))? {
+            list.push(valid);
+        }
+    }
+    if let Some(t) = temperature
+        && !(0.0..=2.0).contains(&t)
+    {
+        return Err(ApiError::field("temperature", "must be between 0 and 2"));
+    }
+    if max_tokens == Some(0) {
+        return Err(ApiError::field("max_tokens", "must be at least 1"));
+    }
+    Ok(SendMessage {
+        content,
+        models: list,
+        max_tokens,
+        temperature,
+    })
+}
+
+/// The events of one turn, ending after its `done`.
+fn turn_events(
+    reader: EventReader,
+    turn_id: Uuid,
+) -> impl Stream<Item = Arc<EventRecord>> + Send + 'static {
+    futures_util::stream::unfold(
+        (reader, std::collections::VecDeque::new(), false),
+        move |(mut reader, mut pending, finished)| async move {
+            loop {
+                if finished {
+                    return None;
+                }
+                if let Some(event) = pending.pop_front() {
+                    let event: Arc<EventRecord> = event;
+                    let done = event.is_done();
+                    return Some((event, (reader, pending, done)));
+                }
+                let batch = reader.next_batch(BATCH).await?;
+                pending.extend(batch.into_iter().filter(|e| e.turn_id == turn_id));
+            }
+        },
+    )
+}
+
+/// Every event of a thread from a cursor on, open-ended (the client closes it).
+fn thread_events(reader: EventReader) -> impl Stream<Item = Arc<EventRecord>> + Send + 'static {
+    futures_util::stream::unfold(reader, |mut reader| async move {
+        let batch = reader.next_batch(BATCH).await?;
+        Some((futures_util::stream::iter(batch), reader))
+    })
+    .flatten()
+}
+
+/// SSE framing: `id:` the sequence number, `event:` the name, `data:` the JSON; keep-alive
+/// comments while quiet.
+fn sse_response<S>(events: S, keep_alive: Duration) -> Response
+where
+    S: Stream<Item = Arc<EventRecord>> + Send + 'static,
+{
+    let frames = events.map(|event| {
+        Ok::<_, Infallible>(
+            warp::sse::Event::default()
+                .id(event.seq.to_string())
+                .event(event.name)
+                .data(event.data.as_str()),
+        )
+    });
+    let stream = warp::sse::keep_alive()
+        .interval(keep_alive)
+        .text("keep-alive")
+        .stream(sync_wrapper::SyncStream::new(frames));
+    let mut response = warp::sse::reply(stream).into_response();
+    // Proxies (nginx) must not buffer a live stream.
+    response.headers_mut().insert(
+        "x-accel-buffering",
+        warp::http::HeaderValue::from_static("no"),
+    );
+    response
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    #[serde(default)]
+    after: Option<u64>,
+    /// WebSocket-style token in the query, for EventSource clients that cannot set headers.
+    #[serde(default)]
+    access_token: Option<String>,
+}
+
+/// Where a reader without a cursor starts: at the first event of any turn still running, so a
+/// second tab sees the whole answer so far; otherwise from now on.
+fn live_start(log: &ThreadEvents) -> u64 {
+    let retained = log.read_after(0, usize::MAX);
+    let mut open: Option<u64> = None;
+    let mut finished = std::collections::HashSet::new();
+    for event in retained.iter().rev() {
+        if event.is_done() {
+            finished.insert(event.turn_id);
+        } else if !finished.contains(&event.turn_id) {
+            open = Some(event.seq);
+        }
+    }
+    open.map_or(log.next_seq() - 1, |seq| seq - 1)
+}
+
+pub async fn events(ctx: Ctx, thread: String) -> Result<Response, ApiError> {
+    let query: EventsQuery = ctx.query()?;
+    let principal = match &query.access_token {
+        Some(token) if ctx.headers.get("authorization").is_none() => {
+            ctx.authenticate_token(token)?
+        }
+        _ => ctx.authenticate()?,
+    };
+    let thread_id = ids(&thread)?;
+    let last_event_id = ctx
+        .headers
+        .get("last-event-id")
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| ApiError::validation("Last-Event-ID must be an event id"))
+        })
+        .transpose()?;
+    let log = ctx
+        .state
+        .sessions
+        .subscribe(principal.user_id, thread_id)
+        .await
+        .map_err(|e| session_error(e, "thread"))?;
+    let after = last_event_id
+        .or(query.after)
+        .unwrap_or_else(|| live_start(&log));
+    Ok(sse_response(
+        thread_events(log.reader(after)),
+        ctx.state.config.keep_alive,
+    ))
+}
+
+pub async fn cancel(ctx: Ctx, thread: String, turn: String) -> Result<Response, ApiError> {
+    let principal = ctx.authenticate()?;
+    let thread_id = ids(&thread)?;
+    let turn_id = Uuid::parse_str(&turn).map_err(|_| ApiError::not_found("turn"))?;
+    ctx.state
+        .sessions
+        .cancel_turn(principal.user_id, thread_id, turn_id)
+        .await
+        .map_err(|e| session_error(e, "live turn"))?;
+    Ok(json_response(
+        StatusCode::ACCEPTED,
+        &json!({ "turn_id": turn_id, "status": "cancelling" }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SummarizeBody {
+    #[serde(default)]
+    model: Option<String>,
+}
+
+pub async fn summarize(ctx: Ctx, thread: String, body: Body) -> Result<Response, ApiError> {
+    let principal = ctx.authenticate()?;
+    let thread_id = ids(&thread)?;
+    let body: SummarizeBody = ctx.json(body).await?;
+    let model = validate::model("model", body.model)?;
+    let summary = ctx
+        .state
+        .sessions
+        .summarize(principal.user_id, thread_id, model)
+        .await
+        .map_err(|e| session_error(e, "thread"))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "summary": summary.text,
+            "model": summary.model,
+            "covers_until": (!summary.covers_until.is_nil()).then_some(summary.covers_until),
+        }),
+    ))
+}

@@ -1,0 +1,436 @@
+//! The OpenAI-compatible API (`/v1/chat/completions`, `/v1/models`, `/v1/embeddings`), so
+//! existing SDKs and tools work unchanged against Chorus.
+//!
+//! Requests follow OpenAI's shapes (unknown fields are ignored, as OpenAI's own SDKs send
+//! fields a gateway need not use); errors use OpenAI's envelope `{"error": {message, type,
+//! param, code}}`. Callers authenticate with an API key (`ck-…`) or an access JWT. No thread is
+//! stored: the model is called directly through the catalogue's provider.
+
+use chorus_actors::provider::catalogue::Model;
+use chorus_actors::provider::{
+    ChatMessage, ChatRequest, ChatRole, Chunk, FinishReason, TokenUsage,
+};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::convert::Infallible;
+use uuid::Uuid;
+use warp::Reply;
+use warp::http::{HeaderValue, StatusCode};
+use warp::reply::Response;
+
+use super::context::{Body, Ctx, json_response};
+use super::error::{ApiError, ErrorCode};
+use crate::auth::tokens::API_KEY_PREFIX;
+
+/// Turns a native error into OpenAI's error shape (same status code).
+pub fn openai_error(error: ApiError, request_id: &str) -> Response {
+    let kind = match error.code {
+        ErrorCode::Validation | ErrorCode::PayloadTooLarge | ErrorCode::UnsupportedMediaType => {
+            "invalid_request_error"
+        }
+        ErrorCode::Unauthenticated => "authentication_error",
+        ErrorCode::Forbidden => "permission_error",
+        ErrorCode::NotFound => "not_found_error",
+        ErrorCode::RateLimited => "rate_limit_error",
+        ErrorCode::Conflict => "conflict_error",
+        _ => "api_error",
+    };
+    let param = error
+        .details
+        .as_ref()
+        .and_then(|d| d.get("field"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    let status = error.code.status();
+    let mut response = json_response(
+        status,
+        &json!({
+            "error": {
+                "message": error.message,
+                "type": kind,
+                "param": param,
+                "code": error.code.as_str().to_ascii_lowercase(),
+                "request_id": request_id,
+            }
+        }),
+    );
+    if let Some(decision) = error.rate_limit {
+        let secs = decision.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        response
+            .headers_mut()
+            .insert("retry-after", HeaderValue::from(secs));
+    }
+    response
+}
+
+/// The caller's user id from `Authorization: Bearer ck-…` (API key) or a JWT.
+async fn authenticate(ctx: &Ctx) -> Result<Uuid, ApiError> {
+    let token = ctx
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+        .ok_or_else(|| ApiError::unauthenticated("missing `Authorization: Bearer <API key>`"))?;
+    if token.starts_with(API_KEY_PREFIX) {
+        return ctx
+            .state
+            .api_keys
+            .user_for(&*ctx.state.store, token)
+            .await?
+            .ok_or_else(|| ApiError::unauthenticated("invalid API key"));
+    }
+    Ok(ctx.authenticate_token(token)?.user_id)
+}
+
+pub async fn list_models(ctx: Ctx) -> Result<Response, ApiError> {
+    authenticate(&ctx).await?;
+    let data: Vec<Value> = ctx
+        .state
+        .catalogue
+        .models()
+        .iter()
+        .map(|m| {
+            json!({
+                "id": m.spec.id,
+                "object": "model",
+                "created": 0,
+                "owned_by": m.provider_id,
+            })
+        })
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "object": "list", "data": data }),
+    ))
+}
+
+#[derive(Deserialize)]
+struct CompletionRequest {
+    model: String,
+    messages: Vec<IncomingMessage>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    temperature: Option<f64>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Deserialize)]
+struct IncomingMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<Value>,
+}
+
+/// Text of a message: a string, or the `text` parts of a content array.
+fn content_text(content: Option<Value>) -> Result<String, ApiError> {
+    match content {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(text)) => Ok(text),
+        Some(Value::Array(parts)) => Ok(parts
+            .iter()
+            .filter(|p| p.get("type").and_then(Value::as_str) == Some("text"))
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join("\n")),
+        Some(_) => Err(ApiError::field(
+            "messages",
+            "content must be a string or an array of parts",
+        )),
+    }
+}
+
+fn chat_model(ctx: &Ctx, id: &str, capability: &str) -> Result<Model, ApiError> {
+    ctx.state
+        .catalogue
+        .get(id)
+        .filter(|m| m.can(capability))
+        .cloned()
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::NotFound,
+                format!("The model `{id}` does not exist or is not available for {capability}"),
+            )
+            .with_details(json!({ "field": "model" }))
+        })
+}
+
+fn finish_str(reason: &FinishReason) -> &str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        FinishReason::ContentFilter => "content_filter",
+        FinishReason::ToolCalls => "tool_calls",
+        FinishReason::Other(other) => other.as_str(),
+    }
+}
+
+pub async fn chat_completions(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
+    authenticate(&ctx).await?;
+    let request: CompletionRequest = ctx.json(body).await?;
+    let model = chat_model(&ctx, &request.model, "chat")?;
+    let mut system = Vec::new();
+    let mut messages = Vec::with_capacity(request.messages.len());
+    for message in request.messages {
+        let text = content_text(message.content)?;
+        let role = match message.role.as_str() {
+            "system" | "developer" => {
+                system.push(text);
+                continue;
+            }
+            "user" => ChatRole::User,
+            "assistant" => ChatRole::Assistant,
+            other => {
+                return Err(ApiError::field(
+                    "messages",
+                    format!("unsupported role `{other}`"),
+                ));
+            }
+        };
+        messages.push(ChatMessage {
+            role,
+            content: text,
+        });
+    }
+    if messages.is_empty() {
+        return Err(ApiError::field("messages", "must contain a user message"));
+    }
+    let max_tokens = request
+        .max_completion_tokens
+        .or(request.max_tokens)
+        .unwrap_or(model.spec.max_output_tokens);
+    let chat = ChatRequest {
+        model: model.spec.upstream.clone(),
+        system: (!system.is_empty()).then(|| system.join("\n\n")),
+        messages,
+        max_tokens: Some(max_tokens),
+        temperature: request.temperature,
+    };
+    let id = format!("chatcmpl-{}", Uuid::now_v7().simple());
+    let created = chrono::Utc::now().timestamp();
+    let model_id = model.spec.id.clone();
+
+    if !request.stream {
+        let done = model
+            .provider
+            .complete(chat)
+            .await
+            .map_err(|e| super::messages::provider_error(&e))?;
+        let usage = done.usage.unwrap_or_default();
+        return Ok(json_response(
+            StatusCode::OK,
+            &json!({
+                "id": id,
+                "object": "chat.completion",
+                "created": created,
+                "model": model_id,
+                "choices": [{
+                    "index": 0,
+                    "message": { "role": "assistant", "content": done.text },
+                    "finish_reason": done.finish.as_ref().map(finish_str).unwrap_or("stop"),
+                }],
+                "usage": {
+                    "prompt_tokens": usage.input_tokens,
+                    "completion_tokens": usage.output_tokens,
+                    "total_tokens": usage.input_tokens + usage.output_tokens,
+                },
+            }),
+        ));
+    }
+
+    let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
+    let upstream = model
+        .provider
+        .stream(chat)
+        .await
+        .map_err(|e| super::messages::provider_error(&e))?;
+    let state = CompletionStream {
+        upstream,
+        id,
+        created,
+        model: model_id,
+        include_usage,
+        usage: TokenUsage::default(),
+        phase: Phase::Start,
+    };
+    let frames = futures_util::stream::unfold(state, |mut state| async move {
+        let frame = state.next_frame().await?;
+        Some((
+            Ok::<_, Infallible>(warp::sse::Event::default().data(frame)),
+            state,
+        ))
+    });
+    Ok(warp::sse::reply(sync_wrapper::SyncStream::new(frames)).into_response())
+}
+
+enum Phase {
+    Start,
+    Streaming,
+    Usage,
+    Done,
+    Ended,
+}
+
+/// Turns normalized chunks into OpenAI's `chat.completion.chunk` frames: a first frame with the
+/// role, one per text delta, one with the finish reason, the usage frame when asked for
+/// (`stream_options.include_usage`, with `choices: []` as OpenAI sends it), then `[DONE]`.
+struct CompletionStream {
+    upstream: chorus_actors::provider::ChunkStream,
+    id: String,
+    created: i64,
+    model: String,
+    include_usage: bool,
+    usage: TokenUsage,
+    phase: Phase,
+}
+
+impl CompletionStream {
+    fn chunk(&self, delta: Value, finish: Option<&str>) -> String {
+        json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }],
+        })
+        .to_string()
+    }
+
+    async fn next_frame(&mut self) -> Option<String> {
+        loop {
+            match self.phase {
+                Phase::Start => {
+                    self.phase = Phase::Streaming;
+                    return Some(self.chunk(json!({ "role": "assistant", "content": "" }), None));
+                }
+                Phase::Streaming => match self.upstream.next().await {
+                    Some(Ok(Chunk::Text(text))) => {
+                        return Some(self.chunk(json!({ "content": text }), None));
+                    }
+                    Some(Ok(Chunk::Finish(reason))) => {
+                        return Some(self.chunk(json!({}), Some(finish_str(&reason))));
+                    }
+                    Some(Ok(Chunk::Usage(reported))) => {
+                        if reported.input_tokens > 0 {
+                            self.usage.input_tokens = reported.input_tokens;
+                        }
+                        if reported.output_tokens > 0 {
+                            self.usage.output_tokens = reported.output_tokens;
+                        }
+                    }
+                    Some(Ok(Chunk::ToolCall(_))) => {}
+                    Some(Err(error)) => {
+                        // OpenAI reports a failure inside a started stream as an error object.
+                        self.phase = Phase::Done;
+                        return Some(
+                            json!({
+                                "error": {
+                                    "message": error.to_string(),
+                                    "type": "api_error",
+                                    "code": error.class(),
+                                }
+                            })
+                            .to_string(),
+                        );
+                    }
+                    None => self.phase = Phase::Usage,
+                },
+                Phase::Usage => {
+                    self.phase = Phase::Done;
+                    if self.include_usage {
+                        let usage = self.usage;
+                        return Some(
+                            json!({
+                                "id": self.id,
+                                "object": "chat.completion.chunk",
+                                "created": self.created,
+                                "model": self.model,
+                                "choices": [],
+                                "usage": {
+                                    "prompt_tokens": usage.input_tokens,
+                                    "completion_tokens": usage.output_tokens,
+                                    "total_tokens": usage.input_tokens + usage.output_tokens,
+                                },
+                            })
+                            .to_string(),
+                        );
+                    }
+                }
+                Phase::Done => {
+                    self.phase = Phase::Ended;
+                    return Some("[DONE]".to_owned());
+                }
+                Phase::Ended => return None,
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct EmbeddingsRequest {
+    model: String,
+    input: EmbeddingInput,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum EmbeddingInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Most inputs one embeddings request may carry (OpenAI's own limit is 2048).
+const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+pub async fn embeddings(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
+    authenticate(&ctx).await?;
+    let request: EmbeddingsRequest = ctx.json(body).await?;
+    let model = chat_model(&ctx, &request.model, "embeddings")?;
+    let inputs = match request.input {
+        EmbeddingInput::One(text) => vec![text],
+        EmbeddingInput::Many(texts) => texts,
+    };
+    if inputs.is_empty() || inputs.len() > MAX_EMBEDDING_INPUTS {
+        return Err(ApiError::field(
+            "input",
+            format!("must hold 1 to {MAX_EMBEDDING_INPUTS} strings"),
+        ));
+    }
+    let vectors = model
+        .provider
+        .embed(&model.spec.upstream, &inputs)
+        .await
+        .map_err(|e| super::messages::provider_error(&e))?;
+    let tokens: usize = inputs
+        .iter()
+        .map(|t| chorus_actors::session::context::count_tokens(&model, t))
+        .sum();
+    let data: Vec<Value> = vectors
+        .into_iter()
+        .enumerate()
+        .map(|(index, embedding)| json!({ "object": "embedding", "index": index, "embedding": embedding }))
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "object": "list",
+            "data": data,
+            "model": model.spec.id,
+            "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
+        }),
+    ))
+}

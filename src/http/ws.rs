@@ -1,0 +1,369 @@
+//! `GET /api/v1/ws`: the chat protocol over one WebSocket (API.md, WebSocket).
+//!
+//! Client frames: `send` (same body as POST messages, plus `thread_id`), `subscribe` (`thread_id`,
+//! optional `after`), `cancel` (`thread_id`, `turn_id`), `ping`. Server frames are the SSE events
+//! as `{"type": <event>, "id": <seq>, ...data}`, plus `pong` and `error` (a request that failed:
+//! `{type: "error", code, message, request?}`).
+//!
+//! Memory stays bounded per socket: outgoing frames pass through a small bounded channel, and
+//! subscriptions read the thread's log only when the channel has room, so a slow client slows
+//! its own readers and nothing piles up. A client silent for `IDLE_LIMIT` (no frame, no pong to
+//! our pings) is disconnected.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chorus_actors::session::events::{EventReader, EventRecord};
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+use warp::Reply;
+use warp::filters::ws::{Message as WsMessage, WebSocket, Ws};
+use warp::reply::Response;
+
+use super::context::{Ctx, Principal};
+use super::error::ApiError;
+use super::messages::validate_send;
+
+/// Outgoing frames waiting for a slow client, per socket.
+const OUTBOX: usize = 64;
+const PING_EVERY: Duration = Duration::from_secs(30);
+const IDLE_LIMIT: Duration = Duration::from_secs(90);
+/// Largest client frame accepted.
+const MAX_FRAME: usize = 1 << 20;
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    #[serde(default)]
+    access_token: Option<String>,
+}
+
+pub async fn upgrade(ctx: Ctx, ws: Ws) -> Result<Response, ApiError> {
+    let query: TokenQuery = ctx.query()?;
+    let principal = match (&query.access_token, ctx.headers.get("authorization")) {
+        (Some(token), None) => ctx.authenticate_token(token)?,
+        _ => ctx.authenticate()?,
+    };
+    Ok(ws
+        .max_frame_size(MAX_FRAME)
+        .max_message_size(MAX_FRAME)
+        .on_upgrade(move |socket| run(socket, ctx, principal))
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum ClientFrame {
+    Send {
+        thread_id: String,
+        content: String,
+        #[serde(default)]
+        model: Option<String>,
+        #[serde(default)]
+        models: Option<Vec<String>>,
+        #[serde(default)]
+        temperature: Option<f64>,
+        #[serde(default)]
+        max_tokens: Option<u32>,
+    },
+    Subscribe {
+        thread_id: String,
+        #[serde(default)]
+        after: Option<u64>,
+    },
+    Cancel {
+        thread_id: String,
+        turn_id: String,
+    },
+    Ping,
+}
+
+/// `{"type": name, "id": seq, ...data}` without re-parsing the stored JSON.
+fn event_frame(event: &EventRecord) -> String {
+    let fields = event.data.trim();
+    let inner = fields
+        .strip_prefix('{')
+        .and_then(|f| f.strip_suffix('}'))
+        .map(str::trim)
+        .unwrap_or("");
+    if inner.is_empty() {
+        format!("{{\"type\":\"{}\",\"id\":{}}}", event.name, event.seq)
+    } else {
+        format!(
+            "{{\"type\":\"{}\",\"id\":{},{}}}",
+            event.name, event.seq, inner
+        )
+    }
+}
+
+fn error_frame(code: &str, message: &str, request: Option<&str>) -> String {
+    json!({ "type": "error", "code": code, "message": message, "request": request }).to_string()
+}
+
+/// Forwards events from `reader` (only `turn`'s, ending at its `done`, when given).
+fn forward(
+    mut reader: EventReader,
+    turn: Option<Uuid>,
+    outbox: mpsc::Sender<String>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(batch) = reader.next_batch(OUTBOX).await {
+            for event in batch {
+                if turn.is_some_and(|t| t != event.turn_id) {
+                    continue;
+                }
+                if outbox.send(event_frame(&event)).await.is_err() {
+                    return;
+                }
+                if turn.is_some() && event.is_done() {
+                    return;
+                }
+            }
+        }
+    })
+}
+
+struct Socket {
+    ctx: Ctx,
+    principal: Principal,
+    outbox: mpsc::Sender<String>,
+    /// One live subscription per thread (a new one replaces it), plus per-turn forwarders.
+    tasks: HashMap<String, JoinHandle<()>>,
+}
+
+async fn run(socket: WebSocket, ctx: Ctx, principal: Principal) {
+    let (mut sink, mut incoming) = socket.split();
+    let (outbox, mut outgoing) = mpsc::channel::<String>(OUTBOX);
+    let (pings, mut ping_rx) = mpsc::channel::<()>(1);
+    let writer = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                frame = outgoing.recv() => match frame {
+                    Some(text) => {
+                        if sink.send(WsMessage::text(text)).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => return,
+                },
+                ping = ping_rx.recv() => {
+                    if ping.is_none() || sink.send(WsMessage::ping(Vec::new())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let mut state = Socket {
+        ctx,
+        principal,
+        outbox,
+        tasks: HashMap::new(),
+    };
+    let mut last_seen = Instant::now();
+    let mut ticker = tokio::time::interval(PING_EVERY);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            frame = incoming.next() => {
+                let Some(Ok(frame)) = frame else { break };
+                last_seen = Instant::now();
+                if frame.is_close() {
+                    break;
+                }
+                if let Ok(text) = frame.to_str() {
+                    handle_frame(&mut state, text).await;
+                } else if frame.is_binary() {
+                    let _ = state.outbox.send(error_frame("VALIDATION_ERROR", "send JSON text frames", None)).await;
+                }
+            }
+            _ = ticker.tick() => {
+                if last_seen.elapsed() > IDLE_LIMIT {
+                    tracing::info!("closing an idle WebSocket");
+                    break;
+                }
+                let _ = pings.try_send(());
+            }
+        }
+        state.tasks.retain(|_, task| !task.is_finished());
+    }
+    for (_, task) in state.tasks.drain() {
+        task.abort();
+    }
+    drop(state);
+    drop(pings);
+    let _ = writer.await;
+}
+
+async fn handle_frame(state: &mut Socket, text: &str) {
+    let frame: ClientFrame = match serde_json::from_str(text) {
+        Ok(frame) => frame,
+        Err(e) => {
+            let _ = state
+                .outbox
+                .send(error_frame(
+                    "VALIDATION_ERROR",
+                    &format!("bad frame: {e}"),
+                    None,
+                ))
+                .await;
+            return;
+        }
+    };
+    let (kind, result) = match frame {
+        ClientFrame::Ping => {
+            let _ = state
+                .outbox
+                .send(json!({ "type": "pong" }).to_string())
+                .await;
+            return;
+        }
+        ClientFrame::Send {
+            thread_id,
+            content,
+            model,
+            models,
+            temperature,
+            max_tokens,
+        } => (
+            "send",
+            send(
+                state,
+                thread_id,
+                content,
+                model,
+                models,
+                temperature,
+                max_tokens,
+            )
+            .await,
+        ),
+        ClientFrame::Subscribe { thread_id, after } => {
+            ("subscribe", subscribe(state, thread_id, after).await)
+        }
+        ClientFrame::Cancel { thread_id, turn_id } => {
+            ("cancel", cancel(state, thread_id, turn_id).await)
+        }
+    };
+    if let Err(error) = result {
+        let _ = state
+            .outbox
+            .send(error_frame(error.code.as_str(), &error.message, Some(kind)))
+            .await;
+    }
+}
+
+fn thread_uuid(id: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id).map_err(|_| ApiError::not_found("thread"))
+}
+
+async fn send(
+    state: &mut Socket,
+    thread_id: String,
+    content: String,
+    model: Option<String>,
+    models: Option<Vec<String>>,
+    temperature: Option<f64>,
+    max_tokens: Option<u32>,
+) -> Result<(), ApiError> {
+    let thread = thread_uuid(&thread_id)?;
+    let send = validate_send(&state.ctx, content, model, models, temperature, max_tokens)?;
+    let started = state
+        .ctx
+        .state
+        .sessions
+        .start_turn(state.principal.user_id, thread, send)
+        .await
+        .map_err(|e| match e {
+            chorus_actors::session::SessionError::NotFound => ApiError::not_found("thread"),
+            other => other.into(),
+        })?;
+    let task = forward(
+        started.log.reader(started.from_seq - 1),
+        Some(started.turn_id),
+        state.outbox.clone(),
+    );
+    state
+        .tasks
+        .insert(format!("turn:{}", started.turn_id), task);
+    Ok(())
+}
+
+async fn subscribe(
+    state: &mut Socket,
+    thread_id: String,
+    after: Option<u64>,
+) -> Result<(), ApiError> {
+    let thread = thread_uuid(&thread_id)?;
+    let log: Arc<_> = state
+        .ctx
+        .state
+        .sessions
+        .subscribe(state.principal.user_id, thread)
+        .await
+        .map_err(|e| match e {
+            chorus_actors::session::SessionError::NotFound => ApiError::not_found("thread"),
+            other => other.into(),
+        })?;
+    let after = after.unwrap_or_else(|| log.next_seq() - 1);
+    let task = forward(log.reader(after), None, state.outbox.clone());
+    if let Some(previous) = state.tasks.insert(format!("thread:{thread}"), task) {
+        previous.abort();
+    }
+    let _ = state
+        .outbox
+        .send(json!({ "type": "subscribed", "thread_id": thread, "after": after }).to_string())
+        .await;
+    Ok(())
+}
+
+async fn cancel(state: &mut Socket, thread_id: String, turn_id: String) -> Result<(), ApiError> {
+    let thread = thread_uuid(&thread_id)?;
+    let turn = Uuid::parse_str(&turn_id).map_err(|_| ApiError::not_found("turn"))?;
+    state
+        .ctx
+        .state
+        .sessions
+        .cancel_turn(state.principal.user_id, thread, turn)
+        .await
+        .map_err(|e| match e {
+            chorus_actors::session::SessionError::NotFound => ApiError::not_found("live turn"),
+            other => other.into(),
+        })?;
+    let _ = state
+        .outbox
+        .send(json!({ "type": "cancelling", "thread_id": thread, "turn_id": turn }).to_string())
+        .await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    #[test]
+    fn event_frames_merge_type_and_id_into_the_data() {
+        let event = EventRecord {
+            seq: 42,
+            turn_id: Uuid::nil(),
+            name: "delta",
+            data: r#"{"message_id":"m","text":"hi"}"#.into(),
+        };
+        let frame: Value = serde_json::from_str(&event_frame(&event)).unwrap();
+        assert_eq!(
+            frame,
+            json!({"type": "delta", "id": 42, "message_id": "m", "text": "hi"})
+        );
+        let empty = EventRecord {
+            data: "{}".into(),
+            ..event
+        };
+        let frame: Value = serde_json::from_str(&event_frame(&empty)).unwrap();
+        assert_eq!(frame, json!({"type": "delta", "id": 42}));
+    }
+}
