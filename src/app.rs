@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use chorus_actors::Node;
 use chorus_actors::quota::{KeyedLimiter, LimitSpec};
 use chorus_actors::session::Sessions;
-use chorus_actors::store::{SqliteStore, Store};
+use chorus_actors::store::{MessageStatus, SqliteStore, Store};
 use chorus_cluster::{NodeId, Placement};
 use tokio::net::TcpListener;
 
@@ -139,6 +139,18 @@ impl Application {
         let jwt = jwt_keys(&config)?;
         let provider_keys = provider_key_cipher(&config)?;
         let store = open_store(&config).await?;
+        // Turns that were streaming when the previous process died have no owner any more:
+        // settle them as interrupted, keeping the text they had flushed (ARCHITECTURE.md,
+        // principle 4). On a single node every such message predates this start.
+        let reaped = store
+            .settle_orphaned_messages(chrono::Utc::now(), MessageStatus::Interrupted)
+            .await?;
+        if reaped > 0 {
+            tracing::warn!(
+                reaped,
+                "settled messages left streaming by a previous run as interrupted"
+            );
+        }
         // Providers are enabled by their keys in the environment (ARCHITECTURE.md, Configuration).
         let catalogue = Arc::new(
             Catalogue::build(&config.catalogue, &|name| std::env::var(name).ok())

@@ -103,18 +103,7 @@ pub async fn send(ctx: Ctx, thread: String, body: Body) -> Result<Response, ApiE
         body.temperature,
         body.max_tokens,
     )?;
-    if body.web_search == Some(true) {
-        return Err(ApiError::field(
-            "web_search",
-            "web search is not available on this server yet",
-        ));
-    }
-    if body.document_ids.is_some_and(|d| !d.is_empty()) {
-        return Err(ApiError::field(
-            "document_ids",
-            "documents are not available on this server yet",
-        ));
-    }
+    reject_unsupported(body.web_search, body.document_ids.as_deref())?;
     let stream = body.stream.unwrap_or(true);
     let started = ctx
         .state
@@ -170,6 +159,27 @@ pub async fn send(ctx: Ctx, thread: String, body: Body) -> Result<Response, ApiE
             "assistant_messages": views,
         }),
     ))
+}
+
+/// Web search and documents arrive with later issues; until then asking for them is an error,
+/// not a silent no-op.
+pub fn reject_unsupported(
+    web_search: Option<bool>,
+    document_ids: Option<&[String]>,
+) -> Result<(), ApiError> {
+    if web_search == Some(true) {
+        return Err(ApiError::field(
+            "web_search",
+            "web search is not available on this server yet",
+        ));
+    }
+    if document_ids.is_some_and(|d| !d.is_empty()) {
+        return Err(ApiError::field(
+            "document_ids",
+            "documents are not available on this server yet",
+        ));
+    }
+    Ok(())
 }
 
 /// Validates the fields a message shares between the native and WebSocket APIs.

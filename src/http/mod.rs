@@ -223,7 +223,11 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
         })
     });
 
+    // Routes are tried in order: the OpenAI-compatible API is the high-rate path, so it comes
+    // right after the health checks.
     let app = ops
+        .or(openai_api)
+        .unify()
         .or(auth)
         .unify()
         .or(me)
@@ -231,8 +235,6 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
         .or(threads)
         .unify()
         .or(turns)
-        .unify()
-        .or(openai_api)
         .unify()
         .or(fallback)
         .unify();

@@ -27,7 +27,7 @@ use warp::reply::Response;
 
 use super::context::{Ctx, Principal};
 use super::error::ApiError;
-use super::messages::validate_send;
+use super::messages::{reject_unsupported, validate_send};
 
 /// Outgoing frames waiting for a slow client, per socket.
 const OUTBOX: usize = 64;
@@ -55,8 +55,9 @@ pub async fn upgrade(ctx: Ctx, ws: Ws) -> Result<Response, ApiError> {
         .into_response())
 }
 
+/// Frames are as strict as the HTTP bodies they mirror: unknown fields are refused.
 #[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 enum ClientFrame {
     Send {
         thread_id: String,
@@ -69,6 +70,13 @@ enum ClientFrame {
         temperature: Option<f64>,
         #[serde(default)]
         max_tokens: Option<u32>,
+        /// Accepted for parity with POST messages; a socket always streams.
+        #[serde(default, rename = "stream")]
+        _stream: Option<serde::de::IgnoredAny>,
+        #[serde(default)]
+        web_search: Option<bool>,
+        #[serde(default)]
+        document_ids: Option<Vec<String>>,
     },
     Subscribe {
         thread_id: String,
@@ -229,19 +237,27 @@ async fn handle_frame(state: &mut Socket, text: &str) {
             models,
             temperature,
             max_tokens,
-        } => (
-            "send",
-            send(
-                state,
-                thread_id,
-                content,
-                model,
-                models,
-                temperature,
-                max_tokens,
-            )
-            .await,
-        ),
+            _stream: _,
+            web_search,
+            document_ids,
+        } => {
+            let result = match reject_unsupported(web_search, document_ids.as_deref()) {
+                Ok(()) => {
+                    send(
+                        state,
+                        thread_id,
+                        content,
+                        model,
+                        models,
+                        temperature,
+                        max_tokens,
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            ("send", result)
+        }
         ClientFrame::Subscribe { thread_id, after } => {
             ("subscribe", subscribe(state, thread_id, after).await)
         }

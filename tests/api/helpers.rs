@@ -149,6 +149,7 @@ struct Running {
 pub struct TestAppBuilder {
     env: Vec<(String, String)>,
     data_dir: Option<Arc<TempDir>>,
+    models_toml: Option<String>,
 }
 
 impl TestAppBuilder {
@@ -164,11 +165,41 @@ impl TestAppBuilder {
         self
     }
 
+    /// A model catalogue (models.toml text) written into the data dir and given to the server
+    /// with `CHORUS__MODELS_FILE`. See [`catalogue_toml`].
+    pub fn models_toml(mut self, text: &str) -> Self {
+        self.models_toml = Some(text.to_owned());
+        self
+    }
+
+    /// Points the OpenAI, Anthropic and Gemini providers at a mock upstream (keys included), and
+    /// keeps any HTTP proxy of the environment away from it.
+    pub fn upstream(self, upstream: &chorus_mock_upstream::MockUpstream) -> Self {
+        let base = upstream.base_url();
+        self.env("OPENAI_API_KEY", MOCK_OPENAI_KEY)
+            .env("OPENAI_BASE_URL", &format!("{base}/v1"))
+            .env("ANTHROPIC_API_KEY", MOCK_ANTHROPIC_KEY)
+            .env("ANTHROPIC_BASE_URL", &base)
+            .env("GEMINI_API_KEY", MOCK_GEMINI_KEY)
+            .env("GEMINI_BASE_URL", &base)
+            .env("NO_PROXY", "127.0.0.1,localhost")
+            .env("no_proxy", "127.0.0.1,localhost")
+    }
+
     pub async fn spawn(self) -> TestApp {
         let data_dir = match self.data_dir {
             Some(dir) => dir,
             None => Arc::new(tempfile::tempdir().expect("creating a temp data dir")),
         };
+        let mut env = self.env;
+        if let Some(text) = &self.models_toml {
+            let path = data_dir.path().join("test-models.toml");
+            std::fs::write(&path, text).expect("writing the test catalogue");
+            env.insert(
+                0,
+                ("CHORUS__MODELS_FILE".to_owned(), path.display().to_string()),
+            );
+        }
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
@@ -178,7 +209,7 @@ impl TestAppBuilder {
             addr: String::new(),
             client,
             data_dir,
-            env: self.env,
+            env,
             logs: Lines::default(),
             stdout: Lines::default(),
             running: None,
@@ -211,6 +242,7 @@ impl TestApp {
         TestAppBuilder {
             env: Vec::new(),
             data_dir: None,
+            models_toml: None,
         }
     }
 
@@ -359,6 +391,19 @@ impl TestApp {
             "graceful stop exited with {status}.\nstderr:\n{}",
             self.logs.snapshot().join("\n")
         );
+        self.start().await;
+    }
+
+    /// Kills the server with SIGKILL (no shutdown code runs: a crash) and starts it again on
+    /// the same data dir.
+    pub async fn crash_and_restart(&mut self) {
+        let pid = self.running.as_ref().expect("server running").pid;
+        let status = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -KILL failed: {status}");
+        self.wait_exit().await;
         self.start().await;
     }
 
@@ -843,4 +888,505 @@ pub fn uuid_of(value: &Value) -> Uuid {
             .unwrap_or_else(|| panic!("not a string id: {value}")),
     )
     .unwrap_or_else(|e| panic!("`{value}` is not a UUID: {e}"))
+}
+
+// ---- chat: model catalogue, SSE, turns ----
+
+/// The keys the harness gives providers pointed at a mock upstream.
+pub const MOCK_OPENAI_KEY: &str = "sk-mock-openai";
+pub const MOCK_ANTHROPIC_KEY: &str = "sk-ant-mock";
+pub const MOCK_GEMINI_KEY: &str = "gemini-mock-key";
+
+/// Longest wait for one server-sent event (or WebSocket frame) before a test fails.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A model for [`catalogue_toml`]: id, provider (`mock`, `openai`, `anthropic`, `gemini`) and
+/// upstream (for the mock provider `echo`/`lorem` with options; for the others the model name
+/// the mock upstream receives, switches included, e.g. `m;error=429;retry_after=2`).
+#[derive(Debug, Clone, Copy)]
+pub struct TestModel<'a> {
+    pub id: &'a str,
+    pub provider: &'a str,
+    pub upstream: &'a str,
+}
+
+impl<'a> TestModel<'a> {
+    pub const fn new(id: &'a str, provider: &'a str, upstream: &'a str) -> Self {
+        TestModel {
+            id,
+            provider,
+            upstream,
+        }
+    }
+}
+
+/// Price per million input / output tokens of every [`catalogue_toml`] model that is not mock.
+pub const TEST_INPUT_PER_MTOK: f64 = 1.0;
+pub const TEST_OUTPUT_PER_MTOK: f64 = 2.0;
+
+/// A models.toml with the four providers of the tests (mock always on; openai, anthropic and
+/// gemini on with their keys, see [`TestAppBuilder::upstream`]), the built-in `mock-echo` and
+/// `mock-lorem`, then `extra`.
+pub fn catalogue_toml(extra: &[TestModel<'_>]) -> String {
+    let mut text = String::from(
+        r#"[providers.mock]
+kind = "mock"
+
+[providers.openai]
+kind = "openai"
+base_url = "https://api.openai.com/v1"
+api_key_env = "OPENAI_API_KEY"
+base_url_env = "OPENAI_BASE_URL"
+
+[providers.anthropic]
+kind = "anthropic"
+base_url = "https://api.anthropic.com"
+api_key_env = "ANTHROPIC_API_KEY"
+base_url_env = "ANTHROPIC_BASE_URL"
+
+[providers.gemini]
+kind = "gemini"
+base_url = "https://generativelanguage.googleapis.com"
+api_key_env = "GEMINI_API_KEY"
+base_url_env = "GEMINI_BASE_URL"
+
+[[models]]
+id = "mock-echo"
+name = "Mock Echo"
+provider = "mock"
+upstream = "echo"
+context_length = 8192
+input_per_mtok = 0.0
+output_per_mtok = 0.0
+capabilities = ["chat", "stream", "embeddings"]
+tiers = ["free", "pro", "enterprise"]
+max_output_tokens = 1024
+
+[[models]]
+id = "mock-lorem"
+name = "Mock Lorem"
+provider = "mock"
+upstream = "lorem;words=40;delay_ms=20"
+context_length = 8192
+input_per_mtok = 0.0
+output_per_mtok = 0.0
+capabilities = ["chat", "stream"]
+tiers = ["free", "pro", "enterprise"]
+max_output_tokens = 1024
+"#,
+    );
+    for model in extra {
+        let (input, output, context) = if model.provider == "mock" {
+            (0.0, 0.0, 8192)
+        } else {
+            (TEST_INPUT_PER_MTOK, TEST_OUTPUT_PER_MTOK, 128_000)
+        };
+        text.push_str(&format!(
+            r#"
+[[models]]
+id = "{id}"
+name = "Test {id}"
+provider = "{provider}"
+upstream = "{upstream}"
+context_length = {context}
+input_per_mtok = {input:?}
+output_per_mtok = {output:?}
+capabilities = ["chat", "stream"]
+tiers = ["free", "pro", "enterprise"]
+max_output_tokens = 1024
+"#,
+            id = model.id,
+            provider = model.provider,
+            upstream = model.upstream,
+        ));
+    }
+    text
+}
+
+/// The `n`-word answer of `mock-lorem` (and of the mock upstream's `tokens=n`).
+pub fn lorem(n: usize) -> String {
+    const WORDS: [&str; 19] = [
+        "lorem",
+        "ipsum",
+        "dolor",
+        "sit",
+        "amet",
+        "consectetur",
+        "adipiscing",
+        "elit",
+        "sed",
+        "do",
+        "eiusmod",
+        "tempor",
+        "incididunt",
+        "ut",
+        "labore",
+        "et",
+        "dolore",
+        "magna",
+        "aliqua",
+    ];
+    WORDS
+        .iter()
+        .cycle()
+        .take(n)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// One server-sent event.
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub event: Option<String>,
+    /// The `data` lines joined by `\n`.
+    pub raw: String,
+    /// `raw` as JSON, or `Null` when it is not JSON (e.g. `[DONE]`).
+    pub data: Value,
+}
+
+impl SseEvent {
+    /// The event name (`message` when the frame has none).
+    pub fn name(&self) -> &str {
+        self.event.as_deref().unwrap_or("message")
+    }
+
+    /// The `id:` as a sequence number.
+    pub fn seq(&self) -> u64 {
+        self.id
+            .as_deref()
+            .and_then(|id| id.parse().ok())
+            .unwrap_or_else(|| panic!("event has no numeric id: {self:?}"))
+    }
+}
+
+/// Reads a `text/event-stream` body event by event, with a bounded wait for each.
+pub struct SseStream {
+    body: futures_util::stream::BoxStream<'static, Result<Vec<u8>, String>>,
+    buffer: Vec<u8>,
+    /// Comment lines seen so far (`: keep-alive`), without the colon.
+    pub comments: Vec<String>,
+    /// Set when the body ended with a transport error.
+    pub error: Option<String>,
+    /// Every event returned so far.
+    pub seen: Vec<SseEvent>,
+    /// Events parsed but not returned yet.
+    pending: std::collections::VecDeque<SseEvent>,
+    ended: bool,
+}
+
+impl SseStream {
+    pub fn new(response: Response) -> SseStream {
+        use futures_util::StreamExt;
+        SseStream {
+            body: response
+                .bytes_stream()
+                .map(|chunk| chunk.map(|b| b.to_vec()).map_err(|e| e.to_string()))
+                .boxed(),
+            buffer: Vec::new(),
+            comments: Vec::new(),
+            error: None,
+            seen: Vec::new(),
+            pending: std::collections::VecDeque::new(),
+            ended: false,
+        }
+    }
+
+    /// Reads more of the body (bounded by `deadline`); false when it has ended.
+    async fn fill(&mut self, deadline: Instant, waiting_for: &str) -> bool {
+        use futures_util::StreamExt;
+        if self.ended {
+            return false;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, self.body.next()).await {
+            Err(_) => panic!(
+                "no {waiting_for} within {EVENT_TIMEOUT:?}; events so far: {:#?}",
+                self.seen
+            ),
+            Ok(None) => self.ended = true,
+            Ok(Some(Err(error))) => {
+                self.error = Some(error);
+                self.ended = true;
+            }
+            Ok(Some(Ok(bytes))) => self
+                .buffer
+                .extend(bytes.into_iter().filter(|b| *b != b'\r')),
+        }
+        true
+    }
+
+    /// Waits (bounded) for a new comment line such as `: keep-alive`; events read meanwhile
+    /// stay queued for [`SseStream::next_event`].
+    pub async fn wait_for_comment(&mut self) {
+        let before = self.comments.len();
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        loop {
+            while let Some(event) = self.parse_one() {
+                self.pending.push_back(event);
+            }
+            if self.comments.len() > before {
+                return;
+            }
+            if !self.fill(deadline, "comment").await && self.buffer.is_empty() {
+                panic!("the event stream ended without a comment");
+            }
+        }
+    }
+
+    /// The next event; `None` when the body ended. Panics after [`EVENT_TIMEOUT`] without one.
+    pub async fn next_event(&mut self) -> Option<SseEvent> {
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        loop {
+            if let Some(event) = self.pending.pop_front().or_else(|| self.parse_one()) {
+                self.seen.push(event.clone());
+                return Some(event);
+            }
+            if !self.fill(deadline, "server-sent event").await {
+                return None;
+            }
+        }
+    }
+
+    /// The next event, which must exist.
+    pub async fn expect_event(&mut self) -> SseEvent {
+        match self.next_event().await {
+            Some(event) => event,
+            None => panic!(
+                "the event stream ended early (error: {:?}); events so far: {:#?}",
+                self.error, self.seen
+            ),
+        }
+    }
+
+    /// Events up to and including the next one named `name`.
+    pub async fn until_event(&mut self, name: &str) -> Vec<SseEvent> {
+        let mut events = Vec::new();
+        loop {
+            let event = self.expect_event().await;
+            let found = event.name() == name;
+            events.push(event);
+            if found {
+                return events;
+            }
+        }
+    }
+
+    /// Events up to and including the next `done`.
+    pub async fn until_done(&mut self) -> Vec<SseEvent> {
+        self.until_event("done").await
+    }
+
+    /// Every remaining event until the body ends.
+    pub async fn rest(&mut self) -> Vec<SseEvent> {
+        let mut events = Vec::new();
+        while let Some(event) = self.next_event().await {
+            events.push(event);
+        }
+        events
+    }
+
+    fn parse_one(&mut self) -> Option<SseEvent> {
+        loop {
+            let end = self.buffer.windows(2).position(|w| w == b"\n\n")?;
+            let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
+            let block = String::from_utf8_lossy(&block[..end]).into_owned();
+            let mut event = SseEvent {
+                id: None,
+                event: None,
+                raw: String::new(),
+                data: Value::Null,
+            };
+            let mut has_data = false;
+            let mut has_field = false;
+            for line in block.split('\n') {
+                if let Some(comment) = line.strip_prefix(':') {
+                    self.comments.push(comment.trim().to_owned());
+                    continue;
+                }
+                let (field, value) = line.split_once(':').unwrap_or((line, ""));
+                let value = value.strip_prefix(' ').unwrap_or(value);
+                has_field = true;
+                match field {
+                    "id" => event.id = Some(value.to_owned()),
+                    "event" => event.event = Some(value.to_owned()),
+                    "data" => {
+                        if has_data {
+                            event.raw.push('\n');
+                        }
+                        event.raw.push_str(value);
+                        has_data = true;
+                    }
+                    _ => {}
+                }
+            }
+            if !has_field {
+                continue;
+            }
+            event.data = serde_json::from_str(&event.raw).unwrap_or(Value::Null);
+            return Some(event);
+        }
+    }
+}
+
+/// Asserts a response is a 200 event stream and wraps it.
+pub async fn sse_of(response: Response) -> SseStream {
+    let status = response.status();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    if status != StatusCode::OK || !content_type.starts_with("text/event-stream") {
+        let text = response.text().await.unwrap_or_default();
+        panic!("expected a 200 text/event-stream, got {status} `{content_type}`: {text}");
+    }
+    SseStream::new(response)
+}
+
+/// The concatenated `text` of the `delta` events (of `message_id`, when given).
+pub fn delta_text(events: &[SseEvent], message_id: Option<&str>) -> String {
+    events
+        .iter()
+        .filter(|e| e.name() == "delta")
+        .filter(|e| message_id.is_none_or(|id| e.data["message_id"] == id))
+        .map(|e| e.data["text"].as_str().expect("delta text").to_owned())
+        .collect()
+}
+
+/// The names of `events`, in order.
+pub fn event_names(events: &[SseEvent]) -> Vec<String> {
+    events.iter().map(|e| e.name().to_owned()).collect()
+}
+
+/// Asserts the ids of `events` run without a gap, each one more than the last.
+pub fn assert_contiguous(events: &[SseEvent]) {
+    for pair in events.windows(2) {
+        assert_eq!(
+            pair[1].seq(),
+            pair[0].seq() + 1,
+            "event ids must increase by one: {:#?}",
+            events
+        );
+    }
+}
+
+impl TestApp {
+    /// `POST /api/v1/threads/{thread}/messages`.
+    pub async fn post_message(&self, token: &str, thread: &str, body: &Value) -> Response {
+        self.post_json(
+            &format!("/api/v1/threads/{thread}/messages"),
+            Some(token),
+            body,
+        )
+        .await
+    }
+
+    /// Sends a message as a stream (asserting a 200 event stream) and returns the stream.
+    pub async fn send_streaming(&self, token: &str, thread: &str, body: &Value) -> SseStream {
+        sse_of(self.post_message(token, thread, body).await).await
+    }
+
+    /// Sends a message and reads its whole turn (through `done`); asserts the stream then ends.
+    pub async fn chat_turn(&self, token: &str, thread: &str, body: &Value) -> Vec<SseEvent> {
+        let mut stream = self.send_streaming(token, thread, body).await;
+        let events = stream.until_done().await;
+        let rest = stream.rest().await;
+        assert!(
+            rest.is_empty(),
+            "the POST stream must end after `done`: {rest:#?}"
+        );
+        events
+    }
+
+    /// Opens `GET /api/v1/threads/{thread}/events{query}` (asserting a 200 event stream).
+    pub async fn open_events(
+        &self,
+        token: &str,
+        thread: &str,
+        query: &str,
+        last_event_id: Option<u64>,
+    ) -> SseStream {
+        let mut request = self
+            .request(
+                Method::GET,
+                &format!("/api/v1/threads/{thread}/events{query}"),
+            )
+            .bearer_auth(token);
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id.to_string());
+        }
+        sse_of(request.send().await.expect("GET events failed")).await
+    }
+
+    /// Every message of a thread, oldest first.
+    pub async fn thread_messages(&self, token: &str, thread: &str) -> Vec<Value> {
+        let page = self
+            .get_ok(
+                &format!("/api/v1/threads/{thread}/messages?limit=100"),
+                token,
+            )
+            .await;
+        page["messages"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no messages array: {page}"))
+            .clone()
+    }
+
+    /// One message of a thread, by id (panics when absent).
+    pub async fn thread_message(&self, token: &str, thread: &str, id: &str) -> Value {
+        let messages = self.thread_messages(token, thread).await;
+        messages
+            .into_iter()
+            .find(|m| m["id"] == id)
+            .unwrap_or_else(|| panic!("message {id} is not in thread {thread}"))
+    }
+
+    /// Polls the thread's messages until message `id` has `status` (bounded); returns it.
+    pub async fn wait_for_message_status(
+        &self,
+        token: &str,
+        thread: &str,
+        id: &str,
+        status: &str,
+    ) -> Value {
+        let started = Instant::now();
+        loop {
+            let messages = self.thread_messages(token, thread).await;
+            let found = messages.iter().find(|m| m["id"] == id).cloned();
+            if let Some(message) = &found
+                && message["status"] == status
+            {
+                return message.clone();
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                panic!("message {id} did not reach status `{status}` within 30s: {found:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Creates an API key; returns `(id, key)`.
+    pub async fn create_api_key(&self, token: &str, name: &str) -> (String, String) {
+        let response = self
+            .post_json("/api/v1/me/api-keys", Some(token), &json!({ "name": name }))
+            .await;
+        let status = response.status();
+        let body = body_json(response).await;
+        assert_eq!(status, StatusCode::CREATED, "create API key: {body}");
+        (
+            body["id"].as_str().expect("key id").to_owned(),
+            body["key"].as_str().expect("key").to_owned(),
+        )
+    }
+}
+
+/// The id of a thread object.
+pub fn id_of(thread: &Value) -> String {
+    thread["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no id: {thread}"))
+        .to_owned()
 }

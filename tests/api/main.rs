@@ -7,11 +7,15 @@ mod helpers;
 
 mod account;
 mod auth;
+mod chat;
 mod cli;
 mod edge;
 mod isolation;
 mod lifecycle;
 mod limits;
 mod messages;
+mod openai_compat;
+mod providers;
 mod threads;
 mod validation;
+mod ws;

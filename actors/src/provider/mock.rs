@@ -46,9 +46,50 @@ const LOREM: &[&str] = &[
 #[derive(Debug, Default)]
 pub struct MockProvider;
 
+/// The answer as a source of words, produced on demand: a long `lorem` answer costs no memory
+/// up front, so thousands of slow mock streams stay cheap.
+#[derive(Debug, Clone, PartialEq)]
+enum Words {
+    Echo(Vec<String>),
+    Lorem(usize),
+}
+
+impl Words {
+    fn len(&self) -> usize {
+        match self {
+            Words::Echo(words) => words.len(),
+            Words::Lorem(n) => *n,
+        }
+    }
+
+    fn word(&self, i: usize) -> &str {
+        match self {
+            Words::Echo(words) => words.get(i).map(String::as_str).unwrap_or_default(),
+            Words::Lorem(_) => LOREM[i % LOREM.len()],
+        }
+    }
+
+    /// The `i`-th streamed piece: the word and a space, except after the last word.
+    fn piece(&self, i: usize) -> String {
+        let word = self.word(i);
+        if i + 1 == self.len() {
+            word.to_owned()
+        } else {
+            format!("{word} ")
+        }
+    }
+
+    fn joined(&self) -> String {
+        (0..self.len())
+            .map(|i| self.word(i))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 struct MockBehaviour {
-    words: Vec<String>,
+    words: Words,
     delay: Duration,
     ttft: Duration,
     finish: FinishReason,
@@ -84,24 +125,20 @@ fn plan(request: &ChatRequest) -> Result<MockBehaviour, ProviderError> {
             }
         }
     }
-    let (mut words, default_delay): (Vec<String>, u64) = match kind {
+    let (words, default_delay) = match kind {
         "echo" => (
-            request
-                .messages
-                .iter()
-                .rev()
-                .find(|m| m.role == ChatRole::User)
-                .map(|m| m.content.split_whitespace().map(str::to_owned).collect())
-                .unwrap_or_default(),
+            Words::Echo(
+                request
+                    .messages
+                    .iter()
+                    .rev()
+                    .find(|m| m.role == ChatRole::User)
+                    .map(|m| m.content.split_whitespace().map(str::to_owned).collect())
+                    .unwrap_or_default(),
+            ),
             0,
         ),
-        "lorem" => {
-            let n = words_opt.unwrap_or(40);
-            (
-                (0..n).map(|i| LOREM[i % LOREM.len()].to_owned()).collect(),
-                20,
-            )
-        }
+        "lorem" => (Words::Lorem(words_opt.unwrap_or(40)), 20),
         other => {
             return Err(ProviderError::BadRequest {
                 message: format!("unknown mock model `{other}` (echo, lorem)"),
@@ -109,12 +146,19 @@ fn plan(request: &ChatRequest) -> Result<MockBehaviour, ProviderError> {
         }
     };
     let mut finish = FinishReason::Stop;
-    if let Some(max) = request.max_tokens.map(|m| m as usize)
-        && words.len() > max
-    {
-        words.truncate(max);
-        finish = FinishReason::Length;
-    }
+    let words = match request.max_tokens.map(|m| m as usize) {
+        Some(max) if words.len() > max => {
+            finish = FinishReason::Length;
+            match words {
+                Words::Echo(mut list) => {
+                    list.truncate(max);
+                    Words::Echo(list)
+                }
+                Words::Lorem(_) => Words::Lorem(max),
+            }
+        }
+        _ => words,
+    };
     Ok(MockBehaviour {
         words,
         delay: Duration::from_millis(delay_ms.unwrap_or(default_delay)),
@@ -136,22 +180,6 @@ fn input_tokens(request: &ChatRequest) -> u64 {
     (system + messages) as u64
 }
 
-/// The text pieces as streamed: each word followed by a space, except the last.
-fn pieces(words: &[String]) -> Vec<String> {
-    let last = words.len().saturating_sub(1);
-    words
-        .iter()
-        .enumerate()
-        .map(|(i, w)| {
-            if i == last {
-                w.clone()
-            } else {
-                format!("{w} ")
-            }
-        })
-        .collect()
-}
-
 #[async_trait]
 impl Provider for MockProvider {
     fn kind(&self) -> &'static str {
@@ -164,17 +192,19 @@ impl Provider for MockProvider {
             input_tokens: input_tokens(&request),
             output_tokens: behaviour.words.len() as u64,
         };
-        let pieces = pieces(&behaviour.words);
         let (delay, ttft, finish) = (behaviour.delay, behaviour.ttft, behaviour.finish);
-        let text = futures_util::stream::iter(pieces.into_iter().enumerate()).then(
-            move |(i, piece)| async move {
+        let words = std::sync::Arc::new(behaviour.words);
+        let count = words.len();
+        let text = futures_util::stream::iter(0..count).then(move |i| {
+            let words = words.clone();
+            async move {
                 let wait = if i == 0 { ttft } else { delay };
                 if !wait.is_zero() {
                     tokio::time::sleep(wait).await;
                 }
-                Ok(Chunk::Text(piece))
-            },
-        );
+                Ok(Chunk::Text(words.piece(i)))
+            }
+        });
         let tail = futures_util::stream::iter([Ok(Chunk::Finish(finish)), Ok(Chunk::Usage(usage))]);
         Ok(text.chain(tail).boxed())
     }
@@ -185,7 +215,7 @@ impl Provider for MockProvider {
             tokio::time::sleep(behaviour.ttft).await;
         }
         Ok(Completion {
-            text: behaviour.words.join(" "),
+            text: behaviour.words.joined(),
             usage: Some(TokenUsage {
                 input_tokens: input_tokens(&request),
                 output_tokens: behaviour.words.len() as u64,

@@ -43,6 +43,8 @@ pub struct ThreadEvents {
     thread_id: Uuid,
     inner: Mutex<LogInner>,
     newest: watch::Sender<u64>,
+    /// Set when the thread is deleted: readers drain what is left, then end.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl ThreadEvents {
@@ -56,7 +58,19 @@ impl ThreadEvents {
                 next_seq: base,
             }),
             newest,
+            closed: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Ends every reader (after what they have not read yet). Used when the thread is deleted.
+    pub fn close(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.newest.send_modify(|_| {});
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn thread_id(&self) -> Uuid {
@@ -131,7 +145,7 @@ impl EventReader {
                 self.cursor = last.seq;
                 return Some(batch);
             }
-            if self.newest.changed().await.is_err() {
+            if self.log.is_closed() || self.newest.changed().await.is_err() {
                 return None;
             }
         }
@@ -185,6 +199,22 @@ mod tests {
         // A client resuming with an id from the old log gets everything in the new one.
         let first_new = new.append(Uuid::now_v7(), "message_start", &json!({}));
         assert_eq!(new.read_after(last_old, 10)[0].seq, first_new);
+    }
+
+    #[tokio::test]
+    async fn closing_ends_readers_after_what_is_left() {
+        let log = ThreadEvents::new(Uuid::now_v7());
+        let seq = log.append(Uuid::now_v7(), "delta", &json!({}));
+        let mut reader = log.reader(0);
+        let waiting = {
+            let mut waiting = log.reader(seq);
+            tokio::spawn(async move { waiting.next_batch(10).await })
+        };
+        tokio::task::yield_now().await;
+        log.close();
+        assert!(waiting.await.unwrap().is_none());
+        assert_eq!(reader.next_batch(10).await.unwrap().len(), 1);
+        assert!(reader.next_batch(10).await.is_none());
     }
 
     #[test]

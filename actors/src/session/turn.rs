@@ -24,6 +24,9 @@ use crate::provider::catalogue::Model;
 use crate::provider::{ChatRequest, Chunk, FinishReason, ProviderError, TokenUsage};
 use crate::store::{Message, MessageStatus, Store, Usage};
 
+/// How often a streaming answer's text so far is written to its stored row.
+const PARTIAL_FLUSH_EVERY: Duration = Duration::from_secs(1);
+
 /// Deadlines of one provider call.
 #[derive(Debug, Clone, Copy)]
 pub struct TurnTimeouts {
@@ -252,6 +255,7 @@ async fn run_leg(
         }),
     );
     let started = Instant::now();
+    let mut last_flush = started;
     let mut text = String::new();
     let mut usage = TokenUsage::default();
     let mut ttft: Option<Duration> = None;
@@ -313,6 +317,15 @@ async fn run_leg(
                             &json!({ "message_id": message_id, "text": delta }),
                         );
                         text.push_str(&delta);
+                        // Keep the stored row close to what clients saw, so a crash loses at
+                        // most about a second of text (the reaper settles what is stored).
+                        if last_flush.elapsed() >= PARTIAL_FLUSH_EVERY {
+                            last_flush = Instant::now();
+                            message.content.clone_from(&text);
+                            if let Err(e) = ctx.store.update_message(&message).await {
+                                tracing::warn!(error = %e, %message_id, "flushing partial text failed");
+                            }
+                        }
                     }
                     Chunk::Usage(reported) => {
                         if reported.input_tokens > 0 {

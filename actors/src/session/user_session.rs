@@ -206,7 +206,17 @@ impl Actor for UserSession {
                 let _ = reply.send(update_thread(state, thread_id, patch).await);
             }
             UserSessionMessage::DeleteThread(thread_id, reply) => {
-                let _ = reply.send(delete_thread(state, thread_id).await);
+                let result = delete_thread(state, thread_id).await;
+                if result.is_ok() {
+                    // Its turns stop and its events go with it; readers see the log end.
+                    for turn in state.turns.values().filter(|t| t.thread_id == thread_id) {
+                        turn.cancel.send_replace(true);
+                    }
+                    if let Some(log) = state.logs.remove(&thread_id) {
+                        log.close();
+                    }
+                }
+                let _ = reply.send(result);
             }
             UserSessionMessage::UpdateProfile(patch, reply) => {
                 let _ = reply.send(update_profile(state, patch).await);
@@ -398,12 +408,13 @@ async fn subscribe(
     state: &mut UserSessionState,
     thread_id: Uuid,
 ) -> Result<Arc<ThreadEvents>, SessionError> {
-    if !state.logs.contains_key(&thread_id)
-        && state
-            .store
-            .get_thread(state.user_id, thread_id)
-            .await?
-            .is_none()
+    // Always ask the store: a log can outlive its thread for a moment, and ownership is the
+    // store's to say.
+    if state
+        .store
+        .get_thread(state.user_id, thread_id)
+        .await?
+        .is_none()
     {
         return Err(SessionError::NotFound);
     }

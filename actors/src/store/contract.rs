@@ -69,6 +69,7 @@ macro_rules! store_contract_tests {
             usage_accumulates_per_period_and_kind,
             shares_lifecycle,
             provider_keys_upsert_list_delete_per_user,
+            orphaned_streaming_messages_are_settled,
             delete_thread_cascades,
             timestamps_round_trip_at_microseconds,
         );
@@ -1510,6 +1511,48 @@ pub async fn provider_keys_upsert_list_delete_per_user(store: Arc<dyn Store>) {
     assert!(!store.delete_provider_key(alice, "openai").await.unwrap());
     assert_eq!(store.list_provider_keys(alice).await.unwrap().len(), 1);
     assert_eq!(store.list_provider_keys(bob).await.unwrap().len(), 1);
+}
+
+pub async fn orphaned_streaming_messages_are_settled(store: Arc<dyn Store>) {
+    let user_id = Uuid::now_v7();
+    let t = thread(user_id, 0);
+    create_threads(&*store, std::slice::from_ref(&t)).await;
+    let mut old = message(&t, 1, Some("m"));
+    old.status = MessageStatus::Streaming;
+    old.content = "partial".into();
+    let mut newer = message(&t, 10, Some("m"));
+    newer.status = MessageStatus::Streaming;
+    let done = message(&t, 2, Some("m"));
+    for m in [&old, &newer, &done] {
+        store.append_message(m).await.unwrap();
+    }
+    // Only streaming messages created before the cut-off are settled, keeping their text.
+    assert_eq!(
+        store
+            .settle_orphaned_messages(at(5), MessageStatus::Interrupted)
+            .await
+            .unwrap(),
+        1
+    );
+    let settled = store
+        .get_message(user_id, t.id, old.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(settled.status, MessageStatus::Interrupted);
+    assert_eq!(settled.content, "partial");
+    let untouched = store
+        .get_message(user_id, t.id, newer.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(untouched.status, MessageStatus::Streaming);
+    let complete = store
+        .get_message(user_id, t.id, done.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(complete.status, done.status);
 }
 
 pub async fn delete_thread_cascades(store: Arc<dyn Store>) {

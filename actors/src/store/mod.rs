@@ -359,6 +359,14 @@ pub trait Store: Send + Sync + 'static {
         query: &MessageQuery,
     ) -> StoreResult<Page<Message, Uuid>>;
 
+    /// Settles every message still `streaming` that was created before `created_before` as
+    /// `status` (a reaper for turns whose owner died); returns how many.
+    async fn settle_orphaned_messages(
+        &self,
+        created_before: DateTime<Utc>,
+        status: MessageStatus,
+    ) -> StoreResult<u64>;
+
     // summaries
     async fn upsert_summary(&self, summary: &Summary) -> StoreResult<()>;
     async fn get_summary(

@@ -1242,6 +1242,22 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn settle_orphaned_messages(
+        &self,
+        created_before: DateTime<Utc>,
+        status: MessageStatus,
+    ) -> StoreResult<u64> {
+        self.write("settle_orphaned_messages", move |conn| {
+            let settled = conn
+                .prepare_cached(
+                    "UPDATE messages SET status = ?1 WHERE status = 'streaming' AND created_at < ?2",
+                )?
+                .execute(params![message_status_str(status), micros(created_before)])?;
+            Ok(settled as u64)
+        })
+        .await
+    }
+
     async fn put_provider_key(&self, key: &ProviderKey) -> StoreResult<()> {
         let key = key.clone();
         self.write("put_provider_key", move |conn| {

@@ -139,10 +139,17 @@ CREATE TABLE provider_keys (
 ) STRICT;
 "#,
     },
+    Migration {
+        version: 3,
+        name: "index of streaming messages for the reaper",
+        sql: r#"
+CREATE INDEX messages_streaming ON messages (created_at) WHERE status = 'streaming';
+"#,
+    },
 ];
 
 /// The newest schema version this binary knows.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// What a migration run did (see [`SqliteStore::migrate`](super::SqliteStore::migrate)).
 #[derive(Debug, Clone, PartialEq, Eq)]
