@@ -37,6 +37,11 @@ pub struct OpenAiProvider {
     base_url: String,
     api_key: String,
     http: reqwest::Client,
+    /// Parsed once: parsing a URL (with IDNA) on every call showed up in profiles of `/v1`.
+    chat_url: Option<reqwest::Url>,
+    embeddings_url: Option<reqwest::Url>,
+    /// `Bearer <key>` as a sensitive header value, built once; `None` without a key.
+    authorization: Option<Result<reqwest::header::HeaderValue, ProviderError>>,
 }
 
 /// Never prints the key.
@@ -60,20 +65,36 @@ impl OpenAiProvider {
     /// `base_url` like `https://api.openai.com/v1` (a trailing `/` is tolerated); `api_key`
     /// may be empty for servers that take none.
     pub fn new(base_url: String, api_key: String, http: reqwest::Client) -> Self {
+        let base_url = trim_base_url(base_url);
+        let parse = |path: &str| reqwest::Url::parse(&format!("{base_url}{path}")).ok();
+        let authorization =
+            (!api_key.is_empty()).then(|| secret_header(&format!("Bearer {api_key}")));
         Self {
-            base_url: trim_base_url(base_url),
+            chat_url: parse("/chat/completions"),
+            embeddings_url: parse("/embeddings"),
+            base_url,
             api_key,
             http,
+            authorization,
         }
     }
 
     fn post(&self, path: &str) -> Result<reqwest::RequestBuilder, ProviderError> {
-        let request = self.http.post(format!("{}{path}", self.base_url));
-        if self.api_key.is_empty() {
-            return Ok(request);
+        let parsed = match path {
+            "/chat/completions" => self.chat_url.as_ref(),
+            "/embeddings" => self.embeddings_url.as_ref(),
+            _ => None,
+        };
+        let request = match parsed {
+            Some(url) => self.http.post(url.clone()),
+            // An unparsable base URL fails here, per call, with reqwest's own error.
+            None => self.http.post(format!("{}{path}", self.base_url)),
+        };
+        match &self.authorization {
+            None => Ok(request),
+            Some(Ok(bearer)) => Ok(request.header(AUTHORIZATION, bearer.clone())),
+            Some(Err(error)) => Err(error.clone()),
         }
-        let bearer = secret_header(&format!("Bearer {}", self.api_key))?;
-        Ok(request.header(AUTHORIZATION, bearer))
     }
 }
 
