@@ -103,6 +103,8 @@ pub enum UserSessionMessage {
     },
     /// A generated title for a thread that had none (from a background task).
     TitleGenerated(Uuid, String),
+    /// A summary computed in the background after a turn, to store.
+    SummaryComputed(Summary),
     /// Periodic self-check: stop when idle for `idle_timeout`.
     IdleCheck,
 }
@@ -260,6 +262,17 @@ impl Actor for UserSession {
                 results,
             } => {
                 turn_finished(&myself, state, turn_id, thread_id, results).await;
+            }
+            UserSessionMessage::SummaryComputed(summary) => {
+                // The thread may have been deleted meanwhile; its summary must not come back.
+                let exists = state
+                    .store
+                    .get_thread(state.user_id, summary.thread_id)
+                    .await
+                    .is_ok_and(|t| t.is_some());
+                if exists && let Err(e) = state.store.upsert_summary(&summary).await {
+                    tracing::warn!(error = %e, "storing a background summary failed");
+                }
             }
             UserSessionMessage::TitleGenerated(thread_id, title) => {
                 if let Err(e) = set_title(state, thread_id, title).await {
@@ -667,10 +680,23 @@ async fn turn_finished(
             spawn_title_generation(myself.clone(), thread_id, prompt, model);
         }
     }
+    // Summaries due after this turn are computed off the mailbox (a provider call can take
+    // seconds); the result comes back as a message and is stored here.
     for model in turn.summarize {
-        if let Err(e) = summarize(state, thread_id, Some(model.clone())).await {
-            tracing::warn!(error = %e, %thread_id, model, "background summary failed");
-        }
+        let (store, catalogue, user_id) =
+            (state.store.clone(), state.catalogue.clone(), state.user_id);
+        let session = myself.clone();
+        tokio::spawn(async move {
+            match compute_summary(store, catalogue, user_id, thread_id, Some(model.clone())).await {
+                Ok((summary, true)) => {
+                    let _ = session.cast(UserSessionMessage::SummaryComputed(summary));
+                }
+                Ok((_, false)) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, %thread_id, model, "background summary failed")
+                }
+            }
+        });
     }
 }
 
@@ -725,33 +751,33 @@ async fn set_title(
 /// Messages of a model's conversation that stay verbatim; older ones are folded.
 const KEEP_RECENT: usize = 6;
 
-async fn summarize(
-    state: &UserSessionState,
+/// Folds a model's older conversation into its summary: reads and the provider call only, so it
+/// can run off the session's mailbox. Returns the summary and whether it is new (to be stored).
+async fn compute_summary(
+    store: Arc<dyn Store>,
+    catalogue: Arc<Catalogue>,
+    user_id: Uuid,
     thread_id: Uuid,
     model_id: Option<String>,
-) -> Result<Summary, SessionError> {
-    let store = &state.store;
+) -> Result<(Summary, bool), SessionError> {
     let thread = store
-        .get_thread(state.user_id, thread_id)
+        .get_thread(user_id, thread_id)
         .await?
         .ok_or(SessionError::NotFound)?;
     let model_id = match model_id.or(thread.model.clone()) {
         Some(id) => id,
-        None => state
-            .catalogue
+        None => catalogue
             .default_chat_model()
             .map(|m| m.spec.id.clone())
             .ok_or_else(|| SessionError::Invalid("no chat model is enabled".into()))?,
     };
-    let model = state.catalogue.get(&model_id).cloned().ok_or_else(|| {
+    let model = catalogue.get(&model_id).cloned().ok_or_else(|| {
         SessionError::Invalid(format!("model `{model_id}` is unknown or not enabled"))
     })?;
-    let previous = store
-        .get_summary(state.user_id, thread_id, &model_id)
-        .await?;
+    let previous = store.get_summary(user_id, thread_id, &model_id).await?;
     let mut history = store
         .list_messages(
-            state.user_id,
+            user_id,
             thread_id,
             &MessageQuery {
                 limit: 100,
@@ -774,14 +800,15 @@ async fn summarize(
     let fold = conversation.len().saturating_sub(KEEP_RECENT);
     let Some(last_folded) = conversation.get(fold.wrapping_sub(1)).filter(|_| fold > 0) else {
         // Nothing new to fold: the current summary (or an empty one) stands.
-        return Ok(previous.unwrap_or(Summary {
-            user_id: state.user_id,
+        let unchanged = previous.unwrap_or(Summary {
+            user_id,
             thread_id,
             model: model_id,
             text: String::new(),
             covers_until: Uuid::nil(),
             updated_at: Utc::now(),
-        }));
+        });
+        return Ok((unchanged, false));
     };
     let folded = &conversation[..fold];
     let text = if model.is_mock() {
@@ -830,14 +857,33 @@ async fn summarize(
             .text
     };
     let summary = Summary {
-        user_id: state.user_id,
+        user_id: user_id,
         thread_id,
         model: model_id,
         text,
         covers_until: last_folded.id,
         updated_at: Utc::now(),
     };
-    store.upsert_summary(&summary).await?;
+    Ok((summary, true))
+}
+
+/// `POST /threads/{id}/summarize`: the caller waits, so this runs in the session.
+async fn summarize(
+    state: &UserSessionState,
+    thread_id: Uuid,
+    model_id: Option<String>,
+) -> Result<Summary, SessionError> {
+    let (summary, new) = compute_summary(
+        state.store.clone(),
+        state.catalogue.clone(),
+        state.user_id,
+        thread_id,
+        model_id,
+    )
+    .await?;
+    if new {
+        state.store.upsert_summary(&summary).await?;
+    }
     Ok(summary)
 }
 
