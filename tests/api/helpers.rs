@@ -1005,28 +1005,7 @@ max_output_tokens = 1024
 
 /// The `n`-word answer of `mock-lorem` (and of the mock upstream's `tokens=n`).
 pub fn lorem(n: usize) -> String {
-    const WORDS: [&str; 19] = [
-        "lorem",
-        "ipsum",
-        "dolor",
-        "sit",
-        "amet",
-        "consectetur",
-        "adipiscing",
-        "elit",
-        "sed",
-        "do",
-        "eiusmod",
-        "tempor",
-        "incididunt",
-        "ut",
-        "labore",
-        "et",
-        "dolore",
-        "magna",
-        "aliqua",
-    ];
-    WORDS
+    chorus_actors::provider::mock::LOREM
         .iter()
         .cycle()
         .take(n)

@@ -44,17 +44,7 @@ pub struct AnthropicProvider {
 /// Never prints the key.
 impl std::fmt::Debug for AnthropicProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AnthropicProvider")
-            .field("base_url", &self.base_url)
-            .field(
-                "api_key",
-                &if self.api_key.is_empty() {
-                    "(none)"
-                } else {
-                    "(redacted)"
-                },
-            )
-            .finish_non_exhaustive()
+        super::openai::debug_redacted(f, "AnthropicProvider", &self.base_url, &self.api_key)
     }
 }
 

@@ -36,17 +36,7 @@ pub struct GeminiProvider {
 /// Never prints the key.
 impl std::fmt::Debug for GeminiProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GeminiProvider")
-            .field("base_url", &self.base_url)
-            .field(
-                "api_key",
-                &if self.api_key.is_empty() {
-                    "(none)"
-                } else {
-                    "(redacted)"
-                },
-            )
-            .finish_non_exhaustive()
+        super::openai::debug_redacted(f, "GeminiProvider", &self.base_url, &self.api_key)
     }
 }
 

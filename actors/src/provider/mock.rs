@@ -21,7 +21,8 @@ use super::{
     TokenUsage,
 };
 
-const LOREM: &[&str] = &[
+/// The filler words of `lorem` answers, cycled (public so tests can predict answers).
+pub const LOREM: &[&str] = &[
     "lorem",
     "ipsum",
     "dolor",

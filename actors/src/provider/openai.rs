@@ -47,18 +47,28 @@ pub struct OpenAiProvider {
 /// Never prints the key.
 impl std::fmt::Debug for OpenAiProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OpenAiProvider")
-            .field("base_url", &self.base_url)
-            .field(
-                "api_key",
-                &if self.api_key.is_empty() {
-                    "(none)"
-                } else {
-                    "(redacted)"
-                },
-            )
-            .finish_non_exhaustive()
+        debug_redacted(f, "OpenAiProvider", &self.base_url, &self.api_key)
     }
+}
+
+/// The `Debug` of every HTTP adapter: its endpoint, and only whether a key is set.
+pub(crate) fn debug_redacted(
+    f: &mut std::fmt::Formatter<'_>,
+    name: &str,
+    base_url: &str,
+    api_key: &str,
+) -> std::fmt::Result {
+    f.debug_struct(name)
+        .field("base_url", &base_url)
+        .field(
+            "api_key",
+            &if api_key.is_empty() {
+                "(none)"
+            } else {
+                "(redacted)"
+            },
+        )
+        .finish_non_exhaustive()
 }
 
 impl OpenAiProvider {

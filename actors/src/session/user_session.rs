@@ -857,7 +857,7 @@ async fn compute_summary(
             .text
     };
     let summary = Summary {
-        user_id: user_id,
+        user_id,
         thread_id,
         model: model_id,
         text,
