@@ -80,16 +80,32 @@ enum UserCommand {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    // `serve` reads its config before the runtime exists: the runtime's size is configured.
+    let serve_config = match &cli.command {
+        Command::Serve(args) => match load(args) {
+            Ok(config) => Some(config),
+            Err(e) => return fail(&e),
+        },
+        _ => None,
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = serve_config
+        .as_ref()
+        .map(|c| c.server.worker_threads)
+        .filter(|&n| n > 0)
     {
+        builder.worker_threads(threads);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail(&anyhow::Error::from(e)),
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(_) => match serve_config {
+                Some(config) => serve(config).await,
+                None => Err(anyhow::anyhow!("serve: configuration missing")),
+            },
             Command::Config {
                 command: ConfigCommand::Check(args),
             } => config_check(args).await,
@@ -121,8 +137,7 @@ fn load(args: &ConfigArg) -> anyhow::Result<Config> {
     Ok(Config::load(args.config.as_deref(), std::env::vars())?)
 }
 
-async fn serve(args: ConfigArg) -> anyhow::Result<()> {
-    let config = load(&args)?;
+async fn serve(config: Config) -> anyhow::Result<()> {
     telemetry::init(&config.log);
     let app = Application::build(config).await?;
     app.run_until(shutdown_signal()).await

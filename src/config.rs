@@ -105,6 +105,7 @@ pub struct RawServer {
     pub body_limit_bytes: u64,
     pub cors_origins: Vec<String>,
     pub shutdown_grace_secs: u64,
+    pub worker_threads: usize,
     pub trust_forwarded_for: bool,
 }
 
@@ -187,6 +188,8 @@ pub struct ServerConfig {
     pub body_limit_bytes: u64,
     pub cors: CorsOrigins,
     pub shutdown_grace: Duration,
+    /// 0: one per core.
+    pub worker_threads: usize,
     pub trust_forwarded_for: bool,
 }
 
@@ -285,6 +288,12 @@ impl Config {
             return Err(invalid("server.body_limit_bytes", "must be greater than 0"));
         }
         let cors = parse_cors(&raw.server.cors_origins)?;
+        if raw.server.worker_threads > 1024 {
+            return Err(invalid(
+                "server.worker_threads",
+                "must be at most 1024 (0 = one per core)",
+            ));
+        }
 
         let auth = validate_auth(&raw.auth)?;
 
@@ -379,6 +388,7 @@ impl Config {
                 body_limit_bytes: raw.server.body_limit_bytes,
                 cors,
                 shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_secs),
+                worker_threads: raw.server.worker_threads,
                 trust_forwarded_for: raw.server.trust_forwarded_for,
             },
             auth,
