@@ -57,7 +57,11 @@ impl ApiKeyCache {
             if entries.len() >= SWEEP_AT {
                 entries.retain(|_, e| e.fetched.elapsed() < TTL);
             }
-            entries.insert(hash, cached);
+            // Still full of fresh entries (e.g. a flood of made-up keys): answer without
+            // caching rather than grow without bound.
+            if entries.len() < SWEEP_AT {
+                entries.insert(hash, cached);
+            }
         }
         Ok(cached.user_id)
     }

@@ -95,22 +95,30 @@ pub async fn login(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
         return Err(ApiError::validation("email and password are required"));
     }
     // Per-account throttling counts failures only, so a stranger cannot lock a user out by
-    // merely trying; it stops guessing once failures pile up.
+    // merely trying; it stops guessing once failures pile up. The token is taken before the
+    // (slow) password check and given back on success, so parallel guesses cannot all slip
+    // through one remaining token.
     let account_key = format!("login:{email}");
-    let account = ctx.state.limiters.login_failures.check(&account_key);
+    let account = ctx.state.limiters.login_failures.acquire(&account_key);
     if !account.allowed {
         return Err(ApiError::rate_limited(
             account,
             "too many failed logins for this account; retry later",
         ));
     }
-    let user = ctx.state.store.get_user_by_email(&email).await?;
+    let user = match ctx.state.store.get_user_by_email(&email).await {
+        Ok(user) => user,
+        Err(e) => {
+            ctx.state.limiters.login_failures.refund(&account_key);
+            return Err(e.into());
+        }
+    };
     let stored_hash = user.as_ref().map(|u| u.password_hash.clone());
     let verified = password::verify_password(body.password, stored_hash).await;
     let Some(user) = user.filter(|_| verified) else {
-        ctx.state.limiters.login_failures.charge(&account_key);
         return Err(ApiError::unauthenticated("invalid email or password"));
     };
+    ctx.state.limiters.login_failures.refund(&account_key);
     tracing::info!(user_id = %user.id, "login");
     let mut response = token_response(&ctx, &user, Uuid::now_v7(), StatusCode::OK).await?;
     super::error::set_rate_limit_headers(&mut response, &ip_decision);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chorus_actors::provider::ProviderError;
-use chorus_actors::session::events::{EventReader, EventRecord, ThreadEvents};
+use chorus_actors::session::events::{EventReader, EventRecord};
 use chorus_actors::session::turn::FirstOutcome;
 use chorus_actors::session::{SendMessage, SessionError};
 use futures_util::{Stream, StreamExt};
@@ -298,22 +298,6 @@ struct EventsQuery {
     access_token: Option<String>,
 }
 
-/// Where a reader without a cursor starts: at the first event of any turn still running, so a
-/// second tab sees the whole answer so far; otherwise from now on.
-fn live_start(log: &ThreadEvents) -> u64 {
-    let retained = log.read_after(0, usize::MAX);
-    let mut open: Option<u64> = None;
-    let mut finished = std::collections::HashSet::new();
-    for event in retained.iter().rev() {
-        if event.is_done() {
-            finished.insert(event.turn_id);
-        } else if !finished.contains(&event.turn_id) {
-            open = Some(event.seq);
-        }
-    }
-    open.map_or(log.next_seq() - 1, |seq| seq - 1)
-}
-
 pub async fn events(ctx: Ctx, thread: String) -> Result<Response, ApiError> {
     let query: EventsQuery = ctx.query()?;
     let principal = match &query.access_token {
@@ -341,7 +325,7 @@ pub async fn events(ctx: Ctx, thread: String) -> Result<Response, ApiError> {
         .map_err(|e| session_error(e, "thread"))?;
     let after = last_event_id
         .or(query.after)
-        .unwrap_or_else(|| live_start(&log));
+        .unwrap_or_else(|| log.live_start());
     Ok(sse_response(
         thread_events(log.reader(after)),
         ctx.state.config.keep_alive,

@@ -32,6 +32,8 @@ use super::messages::{reject_unsupported, validate_send};
 /// Outgoing frames waiting for a slow client, per socket.
 const OUTBOX: usize = 64;
 const PING_EVERY: Duration = Duration::from_secs(30);
+/// Longest a single frame may take to reach a client before it counts as gone.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(15);
 const IDLE_LIMIT: Duration = Duration::from_secs(90);
 /// Largest client frame accepted.
 const MAX_FRAME: usize = 1 << 20;
@@ -135,6 +137,12 @@ fn forward(
     })
 }
 
+/// Queues a control frame (replies, errors) without waiting: if the outbox is full the client
+/// is not reading, and the writer's deadline will close the socket.
+fn control(outbox: &mpsc::Sender<String>, frame: String) {
+    let _ = outbox.try_send(frame);
+}
+
 struct Socket {
     ctx: Ctx,
     principal: Principal,
@@ -147,19 +155,25 @@ async fn run(socket: WebSocket, ctx: Ctx, principal: Principal) {
     let (mut sink, mut incoming) = socket.split();
     let (outbox, mut outgoing) = mpsc::channel::<String>(OUTBOX);
     let (pings, mut ping_rx) = mpsc::channel::<()>(1);
-    let writer = tokio::spawn(async move {
+    let mut writer = tokio::spawn(async move {
         loop {
             tokio::select! {
                 frame = outgoing.recv() => match frame {
                     Some(text) => {
-                        if sink.send(WsMessage::text(text)).await.is_err() {
+                        // A client that stops reading is dropped, not waited for forever.
+                        let sent = tokio::time::timeout(WRITE_TIMEOUT, sink.send(WsMessage::text(text)));
+                        if !matches!(sent.await, Ok(Ok(()))) {
                             return;
                         }
                     }
                     None => return,
                 },
                 ping = ping_rx.recv() => {
-                    if ping.is_none() || sink.send(WsMessage::ping(Vec::new())).await.is_err() {
+                    if ping.is_none() {
+                        return;
+                    }
+                    let sent = tokio::time::timeout(WRITE_TIMEOUT, sink.send(WsMessage::ping(Vec::new())));
+                    if !matches!(sent.await, Ok(Ok(()))) {
                         return;
                     }
                 }
@@ -186,9 +200,10 @@ async fn run(socket: WebSocket, ctx: Ctx, principal: Principal) {
                 if let Ok(text) = frame.to_str() {
                     handle_frame(&mut state, text).await;
                 } else if frame.is_binary() {
-                    let _ = state.outbox.send(error_frame("VALIDATION_ERROR", "send JSON text frames", None)).await;
+                    control(&state.outbox, error_frame("VALIDATION_ERROR", "send JSON text frames", None));
                 }
             }
+            _ = &mut writer => break,
             _ = ticker.tick() => {
                 if last_seen.elapsed() > IDLE_LIMIT {
                     tracing::info!("closing an idle WebSocket");
@@ -204,30 +219,23 @@ async fn run(socket: WebSocket, ctx: Ctx, principal: Principal) {
     }
     drop(state);
     drop(pings);
-    let _ = writer.await;
+    writer.abort();
 }
 
 async fn handle_frame(state: &mut Socket, text: &str) {
     let frame: ClientFrame = match serde_json::from_str(text) {
         Ok(frame) => frame,
         Err(e) => {
-            let _ = state
-                .outbox
-                .send(error_frame(
-                    "VALIDATION_ERROR",
-                    &format!("bad frame: {e}"),
-                    None,
-                ))
-                .await;
+            control(
+                &state.outbox,
+                error_frame("VALIDATION_ERROR", &format!("bad frame: {e}"), None),
+            );
             return;
         }
     };
     let (kind, result) = match frame {
         ClientFrame::Ping => {
-            let _ = state
-                .outbox
-                .send(json!({ "type": "pong" }).to_string())
-                .await;
+            control(&state.outbox, json!({ "type": "pong" }).to_string());
             return;
         }
         ClientFrame::Send {
@@ -266,10 +274,10 @@ async fn handle_frame(state: &mut Socket, text: &str) {
         }
     };
     if let Err(error) = result {
-        let _ = state
-            .outbox
-            .send(error_frame(error.code.as_str(), &error.message, Some(kind)))
-            .await;
+        control(
+            &state.outbox,
+            error_frame(error.code.as_str(), &error.message, Some(kind)),
+        );
     }
 }
 
@@ -298,14 +306,22 @@ async fn send(
             chorus_actors::session::SessionError::NotFound => ApiError::not_found("thread"),
             other => other.into(),
         })?;
-    let task = forward(
-        started.log.reader(started.from_seq - 1),
-        Some(started.turn_id),
-        state.outbox.clone(),
-    );
-    state
+    // A socket already subscribed to this thread gets the turn's events from that
+    // subscription; a second forwarder would send every frame twice.
+    let subscribed = state
         .tasks
-        .insert(format!("turn:{}", started.turn_id), task);
+        .get(&format!("thread:{thread}"))
+        .is_some_and(|t| !t.is_finished());
+    if !subscribed {
+        let task = forward(
+            started.log.reader(started.from_seq - 1),
+            Some(started.turn_id),
+            state.outbox.clone(),
+        );
+        state
+            .tasks
+            .insert(format!("turn:{}", started.turn_id), task);
+    }
     Ok(())
 }
 
@@ -325,15 +341,15 @@ async fn subscribe(
             chorus_actors::session::SessionError::NotFound => ApiError::not_found("thread"),
             other => other.into(),
         })?;
-    let after = after.unwrap_or_else(|| log.next_seq() - 1);
+    let after = after.unwrap_or_else(|| log.live_start());
     let task = forward(log.reader(after), None, state.outbox.clone());
     if let Some(previous) = state.tasks.insert(format!("thread:{thread}"), task) {
         previous.abort();
     }
-    let _ = state
-        .outbox
-        .send(json!({ "type": "subscribed", "thread_id": thread, "after": after }).to_string())
-        .await;
+    control(
+        &state.outbox,
+        json!({ "type": "subscribed", "thread_id": thread, "after": after }).to_string(),
+    );
     Ok(())
 }
 
@@ -350,10 +366,10 @@ async fn cancel(state: &mut Socket, thread_id: String, turn_id: String) -> Resul
             chorus_actors::session::SessionError::NotFound => ApiError::not_found("live turn"),
             other => other.into(),
         })?;
-    let _ = state
-        .outbox
-        .send(json!({ "type": "cancelling", "thread_id": thread, "turn_id": turn }).to_string())
-        .await;
+    control(
+        &state.outbox,
+        json!({ "type": "cancelling", "thread_id": thread, "turn_id": turn }).to_string(),
+    );
     Ok(())
 }
 

@@ -77,15 +77,16 @@ impl KeyedLimiter {
         self.decide(key, Instant::now(), false)
     }
 
-    /// Takes one token even when empty (the bucket goes negative, lengthening the wait): used to
-    /// charge an event after the fact, e.g. a failed password.
-    pub fn charge(&self, key: &str) {
+    /// Gives back one token taken by [`acquire`](Self::acquire) (the event turned out not to
+    /// count, e.g. a login that succeeded). Never fills past the burst size.
+    pub fn refund(&self, key: &str) {
         let now = Instant::now();
+        let capacity = f64::from(self.spec.per_period);
         let Ok(mut buckets) = self.buckets.lock() else {
             return;
         };
         let bucket = self.refilled(&mut buckets, key, now);
-        bucket.tokens -= 1.0;
+        bucket.tokens = (bucket.tokens + 1.0).min(capacity);
     }
 
     fn decide(&self, key: &str, now: Instant, take: bool) -> Decision {
@@ -190,14 +191,27 @@ mod tests {
     }
 
     #[test]
-    fn charge_goes_negative_and_check_does_not_take() {
+    fn refund_returns_a_token_up_to_the_burst() {
+        let limiter = KeyedLimiter::new(LimitSpec::per_minute(2));
+        assert!(limiter.acquire("k").allowed);
+        assert!(limiter.acquire("k").allowed);
+        assert!(!limiter.acquire("k").allowed);
+        limiter.refund("k");
+        assert!(limiter.acquire("k").allowed);
+        limiter.refund("k");
+        limiter.refund("k");
+        limiter.refund("k");
+        assert_eq!(limiter.check("k").remaining, 2);
+    }
+
+    #[test]
+    fn check_does_not_take() {
         let limiter = KeyedLimiter::new(LimitSpec::per_minute(1));
         assert!(limiter.check("acct").allowed);
         assert!(limiter.check("acct").allowed);
-        limiter.charge("acct");
-        limiter.charge("acct");
+        assert!(limiter.acquire("acct").allowed);
         let d = limiter.check("acct");
         assert!(!d.allowed);
-        assert!(d.retry_after > Duration::from_secs(60));
+        assert!(d.retry_after > Duration::from_secs(59));
     }
 }

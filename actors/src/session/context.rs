@@ -100,7 +100,8 @@ pub fn assemble(
         .collect();
     let stats = ContextStats {
         messages_sent: kept,
-        messages_dropped: conversation.len() - kept,
+        // Only what the budget cut: messages a summary already covers are not "dropped".
+        messages_dropped: recent.len() - kept,
         estimated_tokens: used,
         summary_used: summary.is_some() && start > 0,
     };
@@ -217,6 +218,8 @@ mod tests {
         );
         assert!(stats.summary_used);
         assert_eq!(request.messages.len(), 1);
+        // Covered by the summary is not dropped: no new summary is due.
+        assert_eq!(stats.messages_dropped, 0);
         let system = request.system.unwrap();
         assert!(system.starts_with("be brief") && system.contains("they talked"));
     }

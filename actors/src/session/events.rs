@@ -37,6 +37,7 @@ const MAX_RETAINED: usize = 20_000;
 struct LogInner {
     events: VecDeque<Arc<EventRecord>>,
     next_seq: u64,
+    last_append: std::time::Instant,
 }
 
 pub struct ThreadEvents {
@@ -56,6 +57,7 @@ impl ThreadEvents {
             inner: Mutex::new(LogInner {
                 events: VecDeque::new(),
                 next_seq: base,
+                last_append: std::time::Instant::now(),
             }),
             newest,
             closed: std::sync::atomic::AtomicBool::new(false),
@@ -86,6 +88,7 @@ impl ThreadEvents {
             };
             let seq = inner.next_seq;
             inner.next_seq += 1;
+            inner.last_append = std::time::Instant::now();
             inner.events.push_back(Arc::new(EventRecord {
                 seq,
                 turn_id,
@@ -99,6 +102,40 @@ impl ThreadEvents {
         };
         self.newest.send_replace(seq);
         seq
+    }
+
+    /// How long since the last event was appended.
+    pub fn quiet_for(&self) -> std::time::Duration {
+        self.inner
+            .lock()
+            .map(|i| i.last_append.elapsed())
+            .unwrap_or_default()
+    }
+
+    /// Whether `turn_id` has logged its `done` (among retained events).
+    pub fn has_done(&self, turn_id: Uuid) -> bool {
+        self.inner
+            .lock()
+            .map(|i| i.events.iter().any(|e| e.turn_id == turn_id && e.is_done()))
+            .unwrap_or(false)
+    }
+
+    /// Where a reader without a cursor starts: at the first event of a turn still running (so
+    /// a second tab sees that whole answer so far), otherwise from now on.
+    pub fn live_start(&self) -> u64 {
+        let Ok(inner) = self.inner.lock() else {
+            return 0;
+        };
+        let mut finished = std::collections::HashSet::new();
+        let mut open = None;
+        for event in inner.events.iter().rev() {
+            if event.is_done() {
+                finished.insert(event.turn_id);
+            } else if !finished.contains(&event.turn_id) {
+                open = Some(event.seq);
+            }
+        }
+        open.map_or(inner.next_seq - 1, |seq| seq - 1)
     }
 
     /// The sequence number the next event will get (a cursor "from now on" is this minus one).

@@ -196,7 +196,11 @@ async fn run(args: TurnArgs) {
         )
     });
     let user_id = results.first().map(|r| r.message.user_id);
-    if let Some(user_id) = user_id {
+    // A turn every provider refused outright is not a chat message the user is charged for.
+    let answered = results
+        .iter()
+        .any(|r| r.message.status != MessageStatus::Failed || !r.message.content.is_empty());
+    if let Some(user_id) = user_id.filter(|_| answered) {
         for (kind, delta) in [
             ("chat_messages", 1),
             ("tokens", tokens),
@@ -342,9 +346,11 @@ async fn run_leg(
         }
     };
 
-    // Providers that never reported usage (a cut stream, a failure) are charged by estimate, so
-    // usage is settled for every outcome.
-    if usage.input_tokens == 0 {
+    // Providers that never reported usage (a cut stream, a cancel) are charged by estimate, so
+    // usage is settled for every outcome — except a call refused before any output (an HTTP
+    // error, no connection), which the provider does not bill either.
+    let refused_before_output = ttft.is_none() && matches!(end, LegEnd::Failed(_));
+    if usage.input_tokens == 0 && !refused_before_output {
         usage.input_tokens = estimated_input_tokens;
     }
     if usage.output_tokens == 0 && !text.is_empty() {

@@ -101,10 +101,10 @@ pub enum UserSessionMessage {
         thread_id: Uuid,
         results: Vec<LegResult>,
     },
-    /// A generated title for a thread that had none (from a background task).
-    TitleGenerated(Uuid, String),
-    /// A summary computed in the background after a turn, to store.
-    SummaryComputed(Summary),
+    /// A generated title replacing the provisional one (from a background task).
+    TitleGenerated(Uuid, String, String),
+    /// A summary computed off the mailbox, to store (and to answer with, when asked for).
+    SummaryComputed(Summary, Option<RpcReplyPort<Result<Summary, SessionError>>>),
     /// Periodic self-check: stop when idle for `idle_timeout`.
     IdleCheck,
 }
@@ -189,6 +189,15 @@ impl Actor for UserSession {
         // Replies are best-effort: a caller that timed out has gone, and the work is done anyway.
         match message {
             UserSessionMessage::IdleCheck => {
+                // Events stay replayable for LOG_RETENTION after a thread's last event; logs
+                // that are quiet that long, unwatched and without a live turn are dropped.
+                let live: std::collections::HashSet<Uuid> =
+                    state.turns.values().map(|t| t.thread_id).collect();
+                state.logs.retain(|thread_id, log| {
+                    live.contains(thread_id)
+                        || Arc::strong_count(log) > 1
+                        || log.quiet_for() < LOG_RETENTION
+                });
                 // Readers hold the log's Arc: a client still watching keeps the session alive,
                 // or it would wait on a log no turn writes to any more.
                 let watched = state.logs.values().any(|log| Arc::strong_count(log) > 1);
@@ -238,7 +247,13 @@ impl Actor for UserSession {
                 let _ = reply.send(result);
             }
             UserSessionMessage::StartTurn(thread_id, send, reply) => {
-                let _ = reply.send(start_turn(&myself, state, thread_id, send).await);
+                // A caller that timed out waiting in this mailbox was told the request failed;
+                // starting (and billing) its turn now would surprise it with a duplicate later.
+                if reply.is_closed() {
+                    tracing::warn!(%thread_id, "skipping a turn whose caller gave up waiting");
+                } else {
+                    let _ = reply.send(start_turn(&myself, state, thread_id, send).await);
+                }
             }
             UserSessionMessage::Subscribe(thread_id, reply) => {
                 let _ = reply.send(subscribe(state, thread_id).await);
@@ -254,7 +269,24 @@ impl Actor for UserSession {
                 let _ = reply.send(result);
             }
             UserSessionMessage::Summarize(thread_id, model, reply) => {
-                let _ = reply.send(summarize(state, thread_id, model).await);
+                // The provider call runs off the mailbox; the result is stored back here.
+                let (store, catalogue, user_id) =
+                    (state.store.clone(), state.catalogue.clone(), state.user_id);
+                let session = myself.clone();
+                tokio::spawn(async move {
+                    match compute_summary(store, catalogue, user_id, thread_id, model).await {
+                        Ok((summary, true)) => {
+                            let _ = session
+                                .cast(UserSessionMessage::SummaryComputed(summary, Some(reply)));
+                        }
+                        Ok((summary, false)) => {
+                            let _ = reply.send(Ok(summary));
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                });
             }
             UserSessionMessage::TurnFinished {
                 turn_id,
@@ -263,19 +295,35 @@ impl Actor for UserSession {
             } => {
                 turn_finished(&myself, state, turn_id, thread_id, results).await;
             }
-            UserSessionMessage::SummaryComputed(summary) => {
+            UserSessionMessage::SummaryComputed(summary, reply) => {
                 // The thread may have been deleted meanwhile; its summary must not come back.
-                let exists = state
+                let result = match state
                     .store
                     .get_thread(state.user_id, summary.thread_id)
                     .await
-                    .is_ok_and(|t| t.is_some());
-                if exists && let Err(e) = state.store.upsert_summary(&summary).await {
-                    tracing::warn!(error = %e, "storing a background summary failed");
+                {
+                    Ok(Some(_)) => state
+                        .store
+                        .upsert_summary(&summary)
+                        .await
+                        .map(|()| summary)
+                        .map_err(SessionError::from),
+                    Ok(None) => Err(SessionError::NotFound),
+                    Err(e) => Err(e.into()),
+                };
+                match reply {
+                    Some(reply) => {
+                        let _ = reply.send(result);
+                    }
+                    None => {
+                        if let Err(e) = result {
+                            tracing::warn!(error = %e, "storing a background summary failed");
+                        }
+                    }
                 }
             }
-            UserSessionMessage::TitleGenerated(thread_id, title) => {
-                if let Err(e) = set_title(state, thread_id, title).await {
+            UserSessionMessage::TitleGenerated(thread_id, provisional, title) => {
+                if let Err(e) = set_title(state, thread_id, &provisional, title).await {
                     tracing::warn!(error = %e, %thread_id, "storing a generated title failed");
                 }
             }
@@ -406,6 +454,9 @@ async fn delete_api_key(state: &UserSessionState, key_id: Uuid) -> Result<(), Se
     }
 }
 
+/// How long a thread's events stay replayable after its last event (when nobody watches).
+const LOG_RETENTION: Duration = Duration::from_secs(600);
+
 /// How many models one message may ask for at once.
 const MAX_MODELS_PER_TURN: usize = 4;
 
@@ -526,6 +577,28 @@ async fn start_turn(
     thread_id: Uuid,
     send: SendMessage,
 ) -> Result<TurnStarted, SessionError> {
+    let mut placeholders = Vec::new();
+    let started = launch_turn(myself, state, thread_id, send, &mut placeholders).await;
+    if let Err(error) = &started {
+        // Assistant rows already stored must not stay `streaming` with no turn behind them.
+        for mut message in placeholders {
+            message.status = MessageStatus::Failed;
+            if let Err(e) = state.store.update_message(&message).await {
+                tracing::error!(error = %e, message_id = %message.id, "settling a placeholder failed");
+            }
+        }
+        tracing::warn!(%error, %thread_id, "starting a turn failed");
+    }
+    started
+}
+
+async fn launch_turn(
+    myself: &ActorRef<UserSessionMessage>,
+    state: &mut UserSessionState,
+    thread_id: Uuid,
+    send: SendMessage,
+    placeholders: &mut Vec<Message>,
+) -> Result<TurnStarted, SessionError> {
     let store = state.store.clone();
     let mut thread = store
         .get_thread(state.user_id, thread_id)
@@ -606,6 +679,7 @@ async fn start_turn(
             ..new_message(state, thread_id, turn_id)
         };
         store.append_message(&message).await?;
+        placeholders.push(message.clone());
         assistant_messages.push(message.clone());
         legs.push(TurnLeg {
             model,
@@ -689,7 +763,7 @@ async fn turn_finished(
         tokio::spawn(async move {
             match compute_summary(store, catalogue, user_id, thread_id, Some(model.clone())).await {
                 Ok((summary, true)) => {
-                    let _ = session.cast(UserSessionMessage::SummaryComputed(summary));
+                    let _ = session.cast(UserSessionMessage::SummaryComputed(summary, None));
                 }
                 Ok((_, false)) => {}
                 Err(e) => {
@@ -708,6 +782,7 @@ fn spawn_title_generation(
     prompt: String,
     model: Model,
 ) {
+    let provisional = title_from_prompt(&prompt);
     tokio::spawn(async move {
         let request = ChatRequest {
             model: model.spec.upstream.clone(),
@@ -728,7 +803,11 @@ fn spawn_title_generation(
                 let title = done.text.trim().trim_matches('"').trim().to_owned();
                 if !title.is_empty() {
                     let title: String = title.chars().take(80).collect();
-                    let _ = session.cast(UserSessionMessage::TitleGenerated(thread_id, title));
+                    let _ = session.cast(UserSessionMessage::TitleGenerated(
+                        thread_id,
+                        provisional,
+                        title,
+                    ));
                 }
             }
             Err(e) => tracing::warn!(error = %e, %thread_id, "title generation failed"),
@@ -736,12 +815,16 @@ fn spawn_title_generation(
     });
 }
 
+/// Replaces the provisional title, unless the user renamed the thread meanwhile.
 async fn set_title(
     state: &UserSessionState,
     thread_id: Uuid,
+    provisional: &str,
     title: String,
 ) -> Result<(), SessionError> {
-    if let Some(mut thread) = state.store.get_thread(state.user_id, thread_id).await? {
+    if let Some(mut thread) = state.store.get_thread(state.user_id, thread_id).await?
+        && thread.title.as_deref() == Some(provisional)
+    {
         thread.title = Some(title);
         state.store.update_thread(&thread).await?;
     }
@@ -867,26 +950,6 @@ async fn compute_summary(
     Ok((summary, true))
 }
 
-/// `POST /threads/{id}/summarize`: the caller waits, so this runs in the session.
-async fn summarize(
-    state: &UserSessionState,
-    thread_id: Uuid,
-    model_id: Option<String>,
-) -> Result<Summary, SessionError> {
-    let (summary, new) = compute_summary(
-        state.store.clone(),
-        state.catalogue.clone(),
-        state.user_id,
-        thread_id,
-        model_id,
-    )
-    .await?;
-    if new {
-        state.store.upsert_summary(&summary).await?;
-    }
-    Ok(summary)
-}
-
 fn mock_digest(previous: Option<&str>, folded: &[&Message]) -> String {
     let mut parts: Vec<String> = previous
         .filter(|p| !p.is_empty())
@@ -938,7 +1001,9 @@ async fn settle_abandoned(state: &UserSessionState, turn_id: Uuid, turn: &LiveTu
             );
         }
     }
-    if let Some(log) = &log {
+    if let Some(log) = &log
+        && !log.has_done(turn_id)
+    {
         log.append(turn_id, "done", &json!({ "turn_id": turn_id }));
     }
 }
