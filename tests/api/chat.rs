@@ -346,22 +346,10 @@ async fn cancel_interrupts_the_turn_and_keeps_the_partial_text() {
 
     // The turn belongs to its thread: cancelling it through another thread is 404.
     let other = id_of(&app.create_thread(session.token(), &json!({})).await);
-    let response = app
-        .post_json(
-            &format!("/api/v1/threads/{other}/turns/{turn_id}/cancel"),
-            Some(session.token()),
-            &json!({}),
-        )
-        .await;
+    let response = app.cancel_turn(session.token(), &other, &turn_id).await;
     assert_error(response, 404, "NOT_FOUND").await;
 
-    let response = app
-        .post_json(
-            &format!("/api/v1/threads/{thread}/turns/{turn_id}/cancel"),
-            Some(session.token()),
-            &json!({}),
-        )
-        .await;
+    let response = app.cancel_turn(session.token(), &thread, &turn_id).await;
     assert_eq!(response.status(), StatusCode::ACCEPTED);
     let body = body_json(response).await;
     assert_eq!(body["turn_id"], turn_id.as_str());
@@ -409,13 +397,7 @@ async fn cancel_interrupts_the_turn_and_keeps_the_partial_text() {
     // A settled turn is no longer live: cancelling it again is 404 (once the session noticed).
     let started = std::time::Instant::now();
     loop {
-        let response = app
-            .post_json(
-                &format!("/api/v1/threads/{thread}/turns/{turn_id}/cancel"),
-                Some(session.token()),
-                &json!({}),
-            )
-            .await;
+        let response = app.cancel_turn(session.token(), &thread, &turn_id).await;
         if response.status() == StatusCode::NOT_FOUND {
             assert_error(response, 404, "NOT_FOUND").await;
             break;
@@ -428,13 +410,7 @@ async fn cancel_interrupts_the_turn_and_keeps_the_partial_text() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     for turn in [uuid::Uuid::now_v7().to_string(), "not-a-turn".to_owned()] {
-        let response = app
-            .post_json(
-                &format!("/api/v1/threads/{thread}/turns/{turn}/cancel"),
-                Some(session.token()),
-                &json!({}),
-            )
-            .await;
+        let response = app.cancel_turn(session.token(), &thread, &turn).await;
         assert_error(response, 404, "NOT_FOUND").await;
     }
 }
@@ -668,13 +644,7 @@ async fn another_user_cannot_send_watch_or_cancel_in_a_thread() {
         ))
         .await;
     assert_error(response, 404, "NOT_FOUND").await;
-    let response = app
-        .post_json(
-            &format!("/api/v1/threads/{thread}/turns/{turn_id}/cancel"),
-            Some(intruder.token()),
-            &json!({}),
-        )
-        .await;
+    let response = app.cancel_turn(intruder.token(), &thread, &turn_id).await;
     assert_error(response, 404, "NOT_FOUND").await;
     let response = app
         .post_json(
@@ -1244,13 +1214,7 @@ async fn cancel_interrupts_every_model_of_the_turn() {
         .await;
     let start = stream.until_event("delta").await;
     let turn_id = str_of(&start[0].data["turn_id"]);
-    let response = app
-        .post_json(
-            &format!("/api/v1/threads/{thread}/turns/{turn_id}/cancel"),
-            Some(session.token()),
-            &json!({}),
-        )
-        .await;
+    let response = app.cancel_turn(session.token(), &thread, &turn_id).await;
     assert_eq!(response.status(), StatusCode::ACCEPTED);
     stream.until_done().await;
     let events = stream.seen.clone();
@@ -1359,13 +1323,7 @@ async fn a_turn_cancelled_before_its_first_token_is_interrupted_and_empty() {
         // The watcher sees the turn start before any output; cancel from there.
         let start = watcher.until_event("message_start").await;
         let turn_id = str_of(&start[0].data["turn_id"]);
-        let response = app
-            .post_json(
-                &format!("/api/v1/threads/{thread}/turns/{turn_id}/cancel"),
-                Some(session.token()),
-                &json!({}),
-            )
-            .await;
+        let response = app.cancel_turn(session.token(), &thread, &turn_id).await;
         assert_eq!(response.status(), StatusCode::ACCEPTED);
         start
     };

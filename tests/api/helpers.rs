@@ -494,6 +494,16 @@ impl TestApp {
             .expect("PATCH failed")
     }
 
+    /// `POST /api/v1/threads/{thread}/turns/{turn}/cancel`.
+    pub async fn cancel_turn(&self, token: &str, thread: &str, turn: &str) -> Response {
+        self.post_json(
+            &format!("/api/v1/threads/{thread}/turns/{turn}/cancel"),
+            Some(token),
+            &serde_json::json!({}),
+        )
+        .await
+    }
+
     pub async fn delete(&self, path: &str, token: &str) -> Response {
         self.authed(Method::DELETE, path, Some(token))
             .send()
