@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Chorus's own CPU time per request at saturation, by path — where a request's cost lies:
+#   GET /healthz (the edge alone), /v1/chat/completions answered in-process (mock model), and
+#   the same through the mock upstream (adds the outbound HTTP call).
+# CPU is utime+stime from /proc/PID/stat over an 8 s oha run with 64 connections.
+#
+#   load-tests/cpu_per_request.sh          (BIN=path/to/chorus to test another build)
+#
+# Needs: cargo build --release -p chorus -p chorus-mock-upstream; oha (OHA=/path if not on PATH).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OHA=${OHA:-oha}
+W=$(mktemp -d)
+target/release/mock-upstream --bind 127.0.0.1:0 > $W/mock.out 2>&1 &
+MOCK_PID=$!
+for _ in $(seq 1 100); do grep -q listening $W/mock.out 2>/dev/null && break; sleep 0.05; done
+UP=$(sed -n 's/.*listening on \(http[^ ]*\).*/\1/p' $W/mock.out)
+cat > $W/models.toml <<TOML
+[providers.mock]
+kind = "mock"
+[providers.openai]
+kind = "openai"
+base_url = "$UP/v1"
+api_key_env = "OPENAI_API_KEY"
+[[models]]
+id = "bench"
+name = "bench"
+provider = "openai"
+upstream = "bench"
+context_length = 8192
+input_per_mtok = 1.0
+output_per_mtok = 2.0
+capabilities = ["chat"]
+tiers = ["free"]
+max_output_tokens = 256
+[[models]]
+id = "local"
+name = "local"
+provider = "mock"
+upstream = "echo"
+context_length = 8192
+input_per_mtok = 0.0
+output_per_mtok = 0.0
+capabilities = ["chat"]
+tiers = ["free"]
+max_output_tokens = 256
+TOML
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+OPENAI_API_KEY=bench CHORUS__MODELS_FILE=$W/models.toml CHORUS__DATA_DIR=$W/data CHORUS__SERVER__BIND=127.0.0.1:$PORT CHORUS__LOG__LEVEL=warn CHORUS__AUTH__JWT_SECRET=bench-secret-bench-secret-bench-secret ${BIN:-target/release/chorus} serve 2>$W/chorus.log &
+PID=$!
+trap 'kill -TERM $PID $MOCK_PID 2>/dev/null || true; rm -rf $W' EXIT
+for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null && break; sleep 0.1; done
+ B=http://127.0.0.1:$PORT
+TOKEN=$(curl -sf -X POST "$B/api/v1/auth/register" -H 'content-type: application/json' -d '{"email":"p@example.com","password":"bench-password"}' | python3 -c 'import sys,json; print(json.load(sys.stdin)["access_token"])')
+KEY=$(curl -sf -X POST "$B/api/v1/me/api-keys" -H "authorization: Bearer $TOKEN" -H 'content-type: application/json' -d '{"name":"b"}' | python3 -c 'import sys,json; print(json.load(sys.stdin)["key"])')
+cpu() { awk '{print $14+$15}' /proc/$PID/stat; }
+run() {
+  local name=$1; shift
+  local c0=$(cpu)
+  "$OHA" --no-tui -z 8s -c 64 "$@" > $W/o.txt 2>&1
+  local c1=$(cpu)
+  local rps=$(grep -E "Requests/sec" $W/o.txt | awk '{print $2}')
+  python3 -c "import sys; r=float('$rps'); t=($c1-$c0)/100; print('%-28s %8.0f req/s   chorus CPU %.1f s -> %.1f us/request' % ('$name', r, t, t*1e6/(r*8)))"
+}
+run "GET /healthz" $B/healthz
+run "/v1 mock in-process" -m POST -T application/json -d '{"model":"local","messages":[{"role":"user","content":"hello there, how are you today"}]}' -H "authorization: Bearer $KEY" $B/v1/chat/completions
+run "/v1 via upstream" -m POST -T application/json -d '{"model":"bench","messages":[{"role":"user","content":"hello there, how are you today"}]}' -H "authorization: Bearer $KEY" $B/v1/chat/completions
