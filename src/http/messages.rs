@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chorus_actors::provider::ProviderError;
-use chorus_actors::session::events::{EventReader, EventRecord};
+use chorus_actors::session::events::EventRecord;
 use chorus_actors::session::turn::FirstOutcome;
 use chorus_actors::session::{SendMessage, SessionError};
 use futures_util::{Stream, StreamExt};
@@ -24,9 +24,6 @@ use super::context::{Body, Ctx, json_response};
 use super::error::{ApiError, ErrorCode};
 use super::validate;
 use super::views::MessageView;
-
-/// Events copied out of the log per wake-up.
-const BATCH: usize = 256;
 
 fn ids(thread: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(thread).map_err(|_| ApiError::not_found("thread"))
@@ -127,19 +124,20 @@ pub async fn send(ctx: Ctx, thread: String, body: Body) -> Result<Response, ApiE
     }
 
     if stream {
-        let events = turn_events(started.log.reader(started.from_seq - 1), started.turn_id);
+        let events = started
+            .log
+            .reader(started.from_seq - 1)
+            .into_turn_stream(started.turn_id);
         return Ok(sse_response(events, ctx.state.config.keep_alive));
     }
 
     // Not streaming: wait for the turn to settle, then answer with the stored messages.
-    let mut reader = started.log.reader(started.from_seq - 1);
-    'wait: while let Some(batch) = reader.next_batch(BATCH).await {
-        for event in batch {
-            if event.turn_id == started.turn_id && event.is_done() {
-                break 'wait;
-            }
-        }
-    }
+    started
+        .log
+        .reader(started.from_seq - 1)
+        .into_turn_stream(started.turn_id)
+        .for_each(|_| futures_util::future::ready(()))
+        .await;
     let store = &ctx.state.store;
     let mut assistant = Vec::with_capacity(started.assistant_messages.len());
     for placeholder in &started.assistant_messages {
@@ -228,39 +226,6 @@ pub fn validate_send(
     })
 }
 
-/// The events of one turn, ending after its `done`.
-fn turn_events(
-    reader: EventReader,
-    turn_id: Uuid,
-) -> impl Stream<Item = Arc<EventRecord>> + Send + 'static {
-    futures_util::stream::unfold(
-        (reader, std::collections::VecDeque::new(), false),
-        move |(mut reader, mut pending, finished)| async move {
-            loop {
-                if finished {
-                    return None;
-                }
-                if let Some(event) = pending.pop_front() {
-                    let event: Arc<EventRecord> = event;
-                    let done = event.is_done();
-                    return Some((event, (reader, pending, done)));
-                }
-                let batch = reader.next_batch(BATCH).await?;
-                pending.extend(batch.into_iter().filter(|e| e.turn_id == turn_id));
-            }
-        },
-    )
-}
-
-/// Every event of a thread from a cursor on, open-ended (the client closes it).
-fn thread_events(reader: EventReader) -> impl Stream<Item = Arc<EventRecord>> + Send + 'static {
-    futures_util::stream::unfold(reader, |mut reader| async move {
-        let batch = reader.next_batch(BATCH).await?;
-        Some((futures_util::stream::iter(batch), reader))
-    })
-    .flatten()
-}
-
 /// SSE framing: `id:` the sequence number, `event:` the name, `data:` the JSON; keep-alive
 /// comments while quiet.
 fn sse_response<S>(events: S, keep_alive: Duration) -> Response
@@ -327,7 +292,7 @@ pub async fn events(ctx: Ctx, thread: String) -> Result<Response, ApiError> {
         .or(query.after)
         .unwrap_or_else(|| log.live_start());
     Ok(sse_response(
-        thread_events(log.reader(after)),
+        log.reader(after).into_stream(),
         ctx.state.config.keep_alive,
     ))
 }

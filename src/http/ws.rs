@@ -116,22 +116,18 @@ fn error_frame(code: &str, message: &str, request: Option<&str>) -> String {
 
 /// Forwards events from `reader` (only `turn`'s, ending at its `done`, when given).
 fn forward(
-    mut reader: EventReader,
+    reader: EventReader,
     turn: Option<Uuid>,
     outbox: mpsc::Sender<String>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        while let Some(batch) = reader.next_batch(OUTBOX).await {
-            for event in batch {
-                if turn.is_some_and(|t| t != event.turn_id) {
-                    continue;
-                }
-                if outbox.send(event_frame(&event)).await.is_err() {
-                    return;
-                }
-                if turn.is_some() && event.is_done() {
-                    return;
-                }
+        let mut events = match turn {
+            Some(turn_id) => reader.into_turn_stream(turn_id).boxed(),
+            None => reader.into_stream().boxed(),
+        };
+        while let Some(event) = events.next().await {
+            if outbox.send(event_frame(&event)).await.is_err() {
+                return;
             }
         }
     })

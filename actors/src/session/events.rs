@@ -11,6 +11,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
+use futures_util::{Stream, StreamExt};
 use serde::Serialize;
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -191,7 +192,39 @@ impl EventReader {
     pub fn cursor(&self) -> u64 {
         self.cursor
     }
+
+    /// Every event from the cursor on, open-ended (ends only when the log is closed).
+    pub fn into_stream(self) -> impl Stream<Item = Arc<EventRecord>> + Send + 'static {
+        futures_util::stream::unfold(self, |mut reader| async move {
+            let batch = reader.next_batch(STREAM_BATCH).await?;
+            Some((futures_util::stream::iter(batch), reader))
+        })
+        .flatten()
+    }
+
+    /// The events of one turn from the cursor on, ending right after its `done` (without
+    /// waiting for anything later in the log).
+    pub fn into_turn_stream(
+        self,
+        turn_id: Uuid,
+    ) -> impl Stream<Item = Arc<EventRecord>> + Send + 'static {
+        let events = Box::pin(
+            self.into_stream()
+                .filter(move |e| futures_util::future::ready(e.turn_id == turn_id)),
+        );
+        futures_util::stream::unfold((events, false), |(mut events, finished)| async move {
+            if finished {
+                return None;
+            }
+            let event = events.next().await?;
+            let done = event.is_done();
+            Some((event, (events, done)))
+        })
+    }
 }
+
+/// Events copied out of the log per wake-up by the streams above.
+const STREAM_BATCH: usize = 256;
 
 #[cfg(test)]
 mod tests {
@@ -252,6 +285,27 @@ mod tests {
         assert!(waiting.await.unwrap().is_none());
         assert_eq!(reader.next_batch(10).await.unwrap().len(), 1);
         assert!(reader.next_batch(10).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_turn_stream_keeps_its_turn_and_ends_at_its_done() {
+        let log = ThreadEvents::new(Uuid::now_v7());
+        let (mine, other) = (Uuid::now_v7(), Uuid::now_v7());
+        log.append(mine, "message_start", &json!({}));
+        log.append(other, "message_start", &json!({}));
+        log.append(mine, "delta", &json!({}));
+        log.append(mine, "done", &json!({}));
+        // Nothing follows `done`: the stream must still end (a bounded wait proves it).
+        let names: Vec<&str> = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            log.reader(0)
+                .into_turn_stream(mine)
+                .map(|e| e.name)
+                .collect(),
+        )
+        .await
+        .expect("the turn stream ended at its done");
+        assert_eq!(names, vec!["message_start", "delta", "done"]);
     }
 
     #[test]
