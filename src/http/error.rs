@@ -189,6 +189,28 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl ApiError {
+    /// A session error where "not found" names what was missing (`thread`, `api key`, …);
+    /// everything else maps as `From<SessionError>` does.
+    pub fn from_session(error: SessionError, what: &str) -> Self {
+        match error {
+            SessionError::NotFound => ApiError::not_found(what),
+            other => other.into(),
+        }
+    }
+
+    /// Adds one entry to `details` (turning it into an object if needed), keeping the rest.
+    pub fn with_detail(mut self, key: &str, value: Value) -> Self {
+        let mut details = match self.details.take() {
+            Some(Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        };
+        details.insert(key.to_owned(), value);
+        self.details = Some(Value::Object(details));
+        self
+    }
+}
+
 impl From<SessionError> for ApiError {
     fn from(error: SessionError) -> Self {
         match error {

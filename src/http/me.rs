@@ -184,10 +184,7 @@ pub async fn delete_api_key(ctx: Ctx, key_id: String) -> Result<Response, ApiErr
         .sessions
         .delete_api_key(principal.user_id, key_id)
         .await
-        .map_err(|e| match e {
-            chorus_actors::session::SessionError::NotFound => ApiError::not_found("api key"),
-            other => other.into(),
-        })?;
+        .map_err(|e| ApiError::from_session(e, "api key"))?;
     ctx.state.api_keys.evict(key_id);
     Ok(no_content())
 }
@@ -282,9 +279,6 @@ pub async fn delete_provider_key(ctx: Ctx, provider: String) -> Result<Response,
         .sessions
         .delete_provider_key(principal.user_id, provider)
         .await
-        .map_err(|e| match e {
-            chorus_actors::session::SessionError::NotFound => ApiError::not_found("provider key"),
-            other => other.into(),
-        })?;
+        .map_err(|e| ApiError::from_session(e, "provider key"))?;
     Ok(no_content())
 }

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chorus_actors::provider::ProviderError;
+use chorus_actors::session::SendMessage;
 use chorus_actors::session::events::EventRecord;
 use chorus_actors::session::turn::FirstOutcome;
-use chorus_actors::session::{SendMessage, SessionError};
 use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
@@ -27,15 +27,6 @@ use super::views::MessageView;
 
 fn ids(thread: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(thread).map_err(|_| ApiError::not_found("thread"))
-}
-
-fn session_error(error: SessionError, what: &str) -> ApiError {
-    match error {
-        SessionError::NotFound => ApiError::not_found(what),
-        SessionError::Invalid(message) => ApiError::validation(message),
-        SessionError::Provider(e) => provider_error(&e),
-        other => other.into(),
-    }
 }
 
 /// A provider failure before any output, as an HTTP error.
@@ -107,7 +98,7 @@ pub async fn send(ctx: Ctx, thread: String, body: Body) -> Result<Response, ApiE
         .sessions
         .start_turn(principal.user_id, thread_id, send)
         .await
-        .map_err(|e| session_error(e, "thread"))?;
+        .map_err(|e| ApiError::from_session(e, "thread"))?;
 
     // Peek at the first outcome before committing to a 200: a provider that fails before any
     // output gets a real status code (STYLE.md, habit 6).
@@ -115,12 +106,9 @@ pub async fn send(ctx: Ctx, thread: String, body: Body) -> Result<Response, ApiE
     if let Ok(Ok(FirstOutcome::AllFailed(error))) =
         tokio::time::timeout(wait, started.first_outcome).await
     {
-        return Err(provider_error(&error).with_details(json!({
-            "class": error.class(),
-            "retryable": error.retryable(),
-            "user_message_id": started.user_message.id,
-            "turn_id": started.turn_id,
-        })));
+        return Err(provider_error(&error)
+            .with_detail("user_message_id", json!(started.user_message.id))
+            .with_detail("turn_id", json!(started.turn_id)));
     }
 
     if stream {
@@ -287,7 +275,7 @@ pub async fn events(ctx: Ctx, thread: String) -> Result<Response, ApiError> {
         .sessions
         .subscribe(principal.user_id, thread_id)
         .await
-        .map_err(|e| session_error(e, "thread"))?;
+        .map_err(|e| ApiError::from_session(e, "thread"))?;
     let after = last_event_id
         .or(query.after)
         .unwrap_or_else(|| log.live_start());
@@ -305,7 +293,7 @@ pub async fn cancel(ctx: Ctx, thread: String, turn: String) -> Result<Response, 
         .sessions
         .cancel_turn(principal.user_id, thread_id, turn_id)
         .await
-        .map_err(|e| session_error(e, "live turn"))?;
+        .map_err(|e| ApiError::from_session(e, "live turn"))?;
     Ok(json_response(
         StatusCode::ACCEPTED,
         &json!({ "turn_id": turn_id, "status": "cancelling" }),
@@ -329,7 +317,7 @@ pub async fn summarize(ctx: Ctx, thread: String, body: Body) -> Result<Response,
         .sessions
         .summarize(principal.user_id, thread_id, model)
         .await
-        .map_err(|e| session_error(e, "thread"))?;
+        .map_err(|e| ApiError::from_session(e, "thread"))?;
     Ok(json_response(
         StatusCode::OK,
         &json!({

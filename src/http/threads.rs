@@ -4,7 +4,7 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use chorus_actors::session::{NewThread, SessionError, ThreadPatch};
+use chorus_actors::session::{NewThread, ThreadPatch};
 use chorus_actors::store::{MessageQuery, Order, ThreadCursor, ThreadQuery};
 use serde::Deserialize;
 use serde_json::json;
@@ -20,13 +20,6 @@ use super::views::{MessageView, ThreadView};
 
 fn thread_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| ApiError::not_found("thread"))
-}
-
-fn not_found_as_thread(error: SessionError) -> ApiError {
-    match error {
-        SessionError::NotFound => ApiError::not_found("thread"),
-        other => other.into(),
-    }
 }
 
 #[derive(Deserialize)]
@@ -191,7 +184,7 @@ pub async fn patch(ctx: Ctx, id: String, body: Body) -> Result<Response, ApiErro
         .sessions
         .update_thread(principal.user_id, id, patch)
         .await
-        .map_err(not_found_as_thread)?;
+        .map_err(|e| ApiError::from_session(e, "thread"))?;
     Ok(json_response(
         StatusCode::OK,
         &json!({ "thread": ThreadView::new(&thread) }),
@@ -205,7 +198,7 @@ pub async fn delete(ctx: Ctx, id: String) -> Result<Response, ApiError> {
         .sessions
         .delete_thread(principal.user_id, id)
         .await
-        .map_err(not_found_as_thread)?;
+        .map_err(|e| ApiError::from_session(e, "thread"))?;
     Ok(no_content())
 }
 

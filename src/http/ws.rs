@@ -298,10 +298,7 @@ async fn send(
         .sessions
         .start_turn(state.principal.user_id, thread, send)
         .await
-        .map_err(|e| match e {
-            chorus_actors::session::SessionError::NotFound => ApiError::not_found("thread"),
-            other => other.into(),
-        })?;
+        .map_err(|e| ApiError::from_session(e, "thread"))?;
     // A socket already subscribed to this thread gets the turn's events from that
     // subscription; a second forwarder would send every frame twice.
     let subscribed = state
@@ -333,10 +330,7 @@ async fn subscribe(
         .sessions
         .subscribe(state.principal.user_id, thread)
         .await
-        .map_err(|e| match e {
-            chorus_actors::session::SessionError::NotFound => ApiError::not_found("thread"),
-            other => other.into(),
-        })?;
+        .map_err(|e| ApiError::from_session(e, "thread"))?;
     let after = after.unwrap_or_else(|| log.live_start());
     let task = forward(log.reader(after), None, state.outbox.clone());
     if let Some(previous) = state.tasks.insert(format!("thread:{thread}"), task) {
@@ -358,10 +352,7 @@ async fn cancel(state: &mut Socket, thread_id: String, turn_id: String) -> Resul
         .sessions
         .cancel_turn(state.principal.user_id, thread, turn)
         .await
-        .map_err(|e| match e {
-            chorus_actors::session::SessionError::NotFound => ApiError::not_found("live turn"),
-            other => other.into(),
-        })?;
+        .map_err(|e| ApiError::from_session(e, "live turn"))?;
     control(
         &state.outbox,
         json!({ "type": "cancelling", "thread_id": thread, "turn_id": turn }).to_string(),
