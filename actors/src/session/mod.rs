@@ -248,21 +248,13 @@ impl Sessions {
     ) -> Result<TurnStarted, SessionError> {
         // Not retried: a lost reply after the message was stored must not store it twice.
         let session = self.session(user_id).await?;
-        match session
-            .call(
-                |reply| UserSessionMessage::StartTurn(thread_id, send, reply),
-                Some(self.call_timeout),
-            )
-            .await
-        {
-            Ok(ractor::rpc::CallResult::Success(result)) => result,
-            Ok(ractor::rpc::CallResult::Timeout) => {
-                Err(SessionError::Unavailable("session call timed out".into()))
+        let build = |reply| UserSessionMessage::StartTurn(thread_id, send, reply);
+        match self.call_once(&session, build).await {
+            Ok(answer) => answer,
+            Err(gone) => {
+                self.forget(user_id, &session);
+                Err(SessionError::Unavailable(gone))
             }
-            Ok(ractor::rpc::CallResult::SenderError) => Err(SessionError::Unavailable(
-                "session stopped before answering".into(),
-            )),
-            Err(e) => Err(SessionError::Unavailable(e.to_string())),
         }
     }
 
@@ -313,19 +305,37 @@ impl Sessions {
         let mut last_error = String::new();
         for _attempt in 0..2 {
             let session = self.session(user_id).await?;
-            match session.call(&build, Some(self.call_timeout)).await {
-                Ok(ractor::rpc::CallResult::Success(result)) => return result,
-                Ok(ractor::rpc::CallResult::Timeout) => {
-                    return Err(SessionError::Unavailable("session call timed out".into()));
-                }
-                Ok(ractor::rpc::CallResult::SenderError) => {
-                    last_error = "session stopped before answering".into();
-                }
-                Err(err) => last_error = err.to_string(),
+            match self.call_once(&session, &build).await {
+                Ok(answer) => return answer,
+                Err(gone) => last_error = gone,
             }
             self.forget(user_id, &session);
         }
         Err(SessionError::Unavailable(last_error))
+    }
+
+    /// One call to a session. `Err(reason)` means the session went away without handling the
+    /// message (safe to retry on a fresh one); a timeout is an answer, as the message may still
+    /// be handled.
+    async fn call_once<T, F>(
+        &self,
+        session: &ActorRef<UserSessionMessage>,
+        build: F,
+    ) -> Result<Result<T, SessionError>, String>
+    where
+        T: Send + 'static,
+        F: FnOnce(RpcReplyPort<Result<T, SessionError>>) -> UserSessionMessage,
+    {
+        match session.call(build, Some(self.call_timeout)).await {
+            Ok(ractor::rpc::CallResult::Success(answer)) => Ok(answer),
+            Ok(ractor::rpc::CallResult::Timeout) => Ok(Err(SessionError::Unavailable(
+                "session call timed out".into(),
+            ))),
+            Ok(ractor::rpc::CallResult::SenderError) => {
+                Err("session stopped before answering".into())
+            }
+            Err(err) => Err(err.to_string()),
+        }
     }
 
     async fn session(&self, user_id: Uuid) -> Result<ActorRef<UserSessionMessage>, SessionError> {
