@@ -16,6 +16,8 @@ use toml::{Table, Value};
 pub const DEFAULTS_TOML: &str = include_str!("../config/chorus.toml");
 /// The built-in model catalogue.
 pub const DEFAULT_MODELS_TOML: &str = include_str!("../config/models.toml");
+/// The built-in tiers.
+pub const DEFAULT_TIERS_TOML: &str = include_str!("../config/tiers.toml");
 const ENV_PREFIX: &str = "CHORUS__";
 
 #[derive(Debug, thiserror::Error)]
@@ -81,13 +83,52 @@ impl Serialize for Secret {
 pub struct RawConfig {
     pub data_dir: PathBuf,
     pub models_file: String,
+    pub tiers_file: String,
     pub server: RawServer,
     pub auth: RawAuth,
     pub store: RawStore,
     pub sessions: RawSessions,
     pub turns: RawTurns,
     pub limits: RawLimits,
+    pub routing: RawRouting,
+    pub redis: RawRedis,
+    pub billing: RawBilling,
     pub log: RawLog,
+}
+
+/// `[routing]`: retries, failover and circuit breakers of the provider pools.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouting {
+    pub max_attempts: u32,
+    pub deadline_secs: u64,
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+    pub continue_after_cut: bool,
+    pub breaker_consecutive_failures: u32,
+    pub breaker_error_rate: f64,
+    pub breaker_min_requests: u32,
+    pub breaker_window_secs: u64,
+    pub breaker_cooldown_secs: u64,
+    pub breaker_probes: u32,
+}
+
+/// `[redis]`: limits shared by all nodes; an empty `url` keeps them in-process.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedis {
+    pub url: Secret,
+    pub key_prefix: String,
+    pub response_timeout_ms: u64,
+    pub fallback_share: f64,
+}
+
+/// `[billing]`: the signed webhook that changes tiers; an empty secret turns it off.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBilling {
+    pub webhook_secret: Secret,
+    pub tolerance_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -177,9 +218,31 @@ pub struct Config {
     pub store: StoreConfig,
     pub sessions: chorus_actors::session::SessionConfig,
     pub catalogue: chorus_actors::provider::catalogue::CatalogueFile,
+    pub tiers: chorus_actors::quota::tiers::Tiers,
     pub keep_alive: Duration,
     pub limits: RawLimits,
+    pub routing: RawRouting,
+    pub redis: RedisConfig,
+    pub billing: BillingConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `None`: limits stay in-process.
+    pub url: Option<Secret>,
+    pub key_prefix: String,
+    pub response_timeout: Duration,
+    /// The fraction of a shared limit this node admits on its own while Redis is unreachable.
+    pub fallback_share: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct BillingConfig {
+    /// `None`: the webhook answers 404 (billing is off).
+    pub webhook_secret: Option<Secret>,
+    /// How far a signed event's timestamp may be from now (replay protection).
+    pub tolerance: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -329,6 +392,40 @@ impl Config {
             }
         }
         let catalogue = load_catalogue(&raw.models_file)?;
+        let tiers = load_tiers(&raw.tiers_file)?;
+        let routing = &raw.routing;
+        if routing.max_attempts == 0 || routing.deadline_secs == 0 {
+            return Err(invalid(
+                "routing.max_attempts",
+                "max_attempts and deadline_secs must be greater than 0",
+            ));
+        }
+        if !(0.0..=1.0).contains(&routing.breaker_error_rate) || routing.breaker_probes == 0 {
+            return Err(invalid(
+                "routing.breaker_error_rate",
+                "must be within 0..=1 (and breaker_probes > 0)",
+            ));
+        }
+        if !(raw.redis.fallback_share > 0.0 && raw.redis.fallback_share <= 1.0) {
+            return Err(invalid("redis.fallback_share", "must be within (0, 1]"));
+        }
+        if raw.redis.response_timeout_ms == 0 {
+            return Err(invalid(
+                "redis.response_timeout_ms",
+                "must be greater than 0",
+            ));
+        }
+        let redis = RedisConfig {
+            url: (!raw.redis.url.expose().is_empty()).then(|| raw.redis.url.clone()),
+            key_prefix: raw.redis.key_prefix.clone(),
+            response_timeout: Duration::from_millis(raw.redis.response_timeout_ms),
+            fallback_share: raw.redis.fallback_share,
+        };
+        let billing = BillingConfig {
+            webhook_secret: (!raw.billing.webhook_secret.expose().is_empty())
+                .then(|| raw.billing.webhook_secret.clone()),
+            tolerance: Duration::from_secs(raw.billing.tolerance_secs.max(1)),
+        };
         if raw.sessions.idle_timeout_secs == 0 {
             return Err(invalid(
                 "sessions.idle_timeout_secs",
@@ -402,8 +499,12 @@ impl Config {
                 },
             },
             catalogue,
+            tiers,
             keep_alive: Duration::from_secs(raw.turns.keep_alive_secs),
             limits: raw.limits.clone(),
+            routing: raw.routing.clone(),
+            redis,
+            billing,
             log: LogConfig {
                 format,
                 level: raw.log.level.clone(),
@@ -445,6 +546,35 @@ fn load_catalogue(
             key: format!("{origin}: {path}"),
             message: err.into_inner().to_string(),
         }
+    })
+}
+
+/// Parses and validates the tiers: the built-in `config/tiers.toml`, or `tiers_file` when set.
+fn load_tiers(tiers_file: &str) -> Result<chorus_actors::quota::tiers::Tiers, ConfigError> {
+    let (text, origin) = if tiers_file.is_empty() {
+        (
+            DEFAULT_TIERS_TOML.to_owned(),
+            "built-in config/tiers.toml".to_owned(),
+        )
+    } else {
+        let text = std::fs::read_to_string(tiers_file).map_err(|source| ConfigError::Read {
+            path: PathBuf::from(tiers_file),
+            source,
+        })?;
+        (text, tiers_file.to_owned())
+    };
+    let table = parse_table(&text, &origin)?;
+    let file: chorus_actors::quota::tiers::TiersFile =
+        serde_path_to_error::deserialize(Value::Table(table)).map_err(|err| {
+            let path = err.path().to_string();
+            ConfigError::Invalid {
+                key: format!("{origin}: {path}"),
+                message: err.into_inner().to_string(),
+            }
+        })?;
+    chorus_actors::quota::tiers::Tiers::build(file).map_err(|e| ConfigError::Invalid {
+        key: origin,
+        message: e.to_string(),
     })
 }
 

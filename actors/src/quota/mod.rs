@@ -5,3 +5,4 @@
 mod local;
 
 pub use local::{Decision, KeyedLimiter, LimitSpec};
+pub mod tiers;
