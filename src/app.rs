@@ -9,6 +9,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use chorus_actors::Node;
@@ -25,6 +26,7 @@ use crate::auth::sealing::ProviderKeyCipher;
 use crate::config::{Config, StoreConfig};
 use crate::http;
 use chorus_actors::provider::catalogue::Catalogue;
+use chorus_actors::provider::pool::{BreakerPolicy, RoutingPolicy};
 
 /// What every handler can reach. Holds handles, never per-user state.
 pub struct AppState {
@@ -34,7 +36,7 @@ pub struct AppState {
     /// Which node is each user's home (a cluster of one until the cluster issue).
     pub placement: Placement,
     pub jwt: JwtKeys,
-    pub provider_keys: ProviderKeyCipher,
+    pub provider_keys: Arc<ProviderKeyCipher>,
     /// Enabled models and their providers.
     pub catalogue: Arc<Catalogue>,
     /// Verified API keys, so `/v1` requests make no store call.
@@ -125,6 +127,25 @@ pub fn jwt_keys(config: &Config) -> anyhow::Result<JwtKeys> {
     Ok(JwtKeys::from_config(&config.auth, dev_secret.as_deref())?)
 }
 
+/// `[routing]` as the pools take it.
+fn routing_policy(raw: &crate::config::RawRouting) -> RoutingPolicy {
+    RoutingPolicy {
+        max_attempts: raw.max_attempts,
+        deadline: Duration::from_secs(raw.deadline_secs),
+        backoff_base: Duration::from_millis(raw.backoff_base_ms),
+        backoff_max: Duration::from_millis(raw.backoff_max_ms.max(raw.backoff_base_ms)),
+        continue_after_cut: raw.continue_after_cut,
+        breaker: BreakerPolicy {
+            consecutive_failures: raw.breaker_consecutive_failures.max(1),
+            error_rate: raw.breaker_error_rate,
+            min_requests: raw.breaker_min_requests.max(1),
+            window: Duration::from_secs(raw.breaker_window_secs.max(1)),
+            cooldown: Duration::from_secs(raw.breaker_cooldown_secs),
+            probes: raw.breaker_probes,
+        },
+    }
+}
+
 pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
@@ -137,7 +158,7 @@ impl Application {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
         let jwt = jwt_keys(&config)?;
-        let provider_keys = provider_key_cipher(&config)?;
+        let provider_keys = Arc::new(provider_key_cipher(&config)?);
         let store = open_store(&config).await?;
         // Turns that were streaming when the previous process died have no owner any more:
         // settle them as interrupted, keeping the text they had flushed (ARCHITECTURE.md,
@@ -153,14 +174,21 @@ impl Application {
         }
         // Providers are enabled by their keys in the environment (ARCHITECTURE.md, Configuration).
         let catalogue = Arc::new(
-            Catalogue::build(&config.catalogue, &|name| std::env::var(name).ok())
-                .context("building the model catalogue")?,
+            Catalogue::build_with(
+                &config.catalogue,
+                &|name| std::env::var(name).ok(),
+                routing_policy(&config.routing),
+                None,
+            )
+            .context("building the model catalogue")?,
         );
         tracing::info!(
             models = ?catalogue.models().iter().map(|m| m.spec.id.as_str()).collect::<Vec<_>>(),
             "model catalogue ready"
         );
-        let node = Node::start(store.clone(), catalogue.clone(), config.sessions.clone()).await?;
+        let mut sessions = config.sessions.clone();
+        sessions.key_opener = Some(provider_keys.clone());
+        let node = Node::start(store.clone(), catalogue.clone(), sessions).await?;
         let listener = TcpListener::bind(config.server.bind)
             .await
             .with_context(|| format!("binding {}", config.server.bind))?;

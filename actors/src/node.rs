@@ -8,10 +8,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use ractor::concurrency::JoinHandle;
-use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use ractor_cluster::RactorMessage;
 
 use crate::provider::catalogue::Catalogue;
+use crate::provider::pool::PoolState;
+use crate::provider::pool::actor::{ProviderPool, ProviderPoolArgs};
 use crate::session::{
     LiveSessions, SessionConfig, SessionSupervisor, SessionSupervisorArgs,
     SessionSupervisorMessage, Sessions,
@@ -45,6 +47,7 @@ impl Node {
             sessions: sessions.clone(),
             slot: slot.clone(),
             live: live.clone(),
+            pool_actors: Vec::new(),
         };
         let (supervisor, handle) = Actor::spawn(None, NodeSupervisor, args)
             .await
@@ -74,6 +77,8 @@ pub struct NodeArgs {
     sessions: SessionConfig,
     slot: SupervisorSlot,
     live: LiveSessions,
+    /// One `ProviderPool` per provider, with the state it ticks.
+    pool_actors: Vec<(ActorId, Arc<PoolState>)>,
 }
 
 #[derive(RactorMessage)]
@@ -87,9 +92,13 @@ impl Actor for NodeSupervisor {
     async fn pre_start(
         &self,
         myself: ActorRef<Self::Msg>,
-        args: Self::Arguments,
+        mut args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
         spawn_session_supervisor(&myself, &args).await?;
+        let pools = args.catalogue.pools().pools().to_vec();
+        for pool in pools {
+            spawn_provider_pool(&myself, &mut args, pool).await?;
+        }
         Ok(args)
     }
 
@@ -108,10 +117,24 @@ impl Actor for NodeSupervisor {
         event: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        if let SupervisionEvent::ActorFailed(_, err) = event {
-            // Sessions rebuild from the store, so a fresh supervisor with an empty map is correct.
-            tracing::error!(error = %err, "session supervisor failed; restarting it");
-            spawn_session_supervisor(&myself, state).await?;
+        if let SupervisionEvent::ActorFailed(actor, err) = event {
+            // A pool's live state outlives its actor (it is shared with the calls), so a
+            // restarted pool actor simply carries on ticking it.
+            let pool = state
+                .pool_actors
+                .iter()
+                .find(|(id, _)| *id == actor.get_id())
+                .map(|(_, pool)| pool.clone());
+            if let Some(pool) = pool {
+                tracing::error!(error = %err, provider = %pool.provider_id, "provider pool failed; restarting it");
+                state.pool_actors.retain(|(id, _)| *id != actor.get_id());
+                spawn_provider_pool(&myself, state, pool).await?;
+            } else {
+                // Sessions rebuild from the store, so a fresh supervisor with an empty map is
+                // correct.
+                tracing::error!(error = %err, "session supervisor failed; restarting it");
+                spawn_session_supervisor(&myself, state).await?;
+            }
         }
         Ok(())
     }
@@ -124,6 +147,20 @@ impl Actor for NodeSupervisor {
         myself.stop_children_and_wait(None, None).await;
         Ok(())
     }
+}
+
+async fn spawn_provider_pool(
+    myself: &ActorRef<NodeMessage>,
+    state: &mut NodeArgs,
+    pool: Arc<PoolState>,
+) -> Result<(), ActorProcessingErr> {
+    let args = ProviderPoolArgs {
+        pool: pool.clone(),
+        breaker: state.catalogue.pools().policy.breaker.clone(),
+    };
+    let (actor, _) = Actor::spawn_linked(None, ProviderPool, args, myself.get_cell()).await?;
+    state.pool_actors.push((actor.get_id(), pool));
+    Ok(())
 }
 
 async fn spawn_session_supervisor(

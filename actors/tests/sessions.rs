@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chorus_actors::Node;
-use chorus_actors::provider::catalogue::Catalogue;
+use chorus_actors::provider::catalogue::{Catalogue, CatalogueFile};
 use chorus_actors::session::{NewThread, SessionConfig, SessionError, ThreadPatch};
 use chorus_actors::store::{ApiKey, SqliteStore, Store, ThreadQuery};
 use uuid::Uuid;
@@ -19,7 +19,11 @@ async fn node(idle: Duration) -> (Node, Arc<dyn Store>, tempfile::TempDir) {
         call_timeout: Duration::from_secs(5),
         ..Default::default()
     };
-    let catalogue = Arc::new(Catalogue::default());
+    let empty = CatalogueFile {
+        providers: Default::default(),
+        models: Vec::new(),
+    };
+    let catalogue = Arc::new(Catalogue::build(&empty, &|_| None).unwrap());
     let node = Node::start(store.clone(), catalogue, config).await.unwrap();
     (node, store, dir)
 }

@@ -18,6 +18,26 @@ pub struct ProviderKeyCipher {
     cipher: Aes256Gcm,
 }
 
+impl std::fmt::Debug for ProviderKeyCipher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProviderKeyCipher(<redacted>)")
+    }
+}
+
+/// Turns open users' keys through this (the master key never leaves the edge's cipher).
+impl chorus_actors::provider::KeyOpener for ProviderKeyCipher {
+    fn open(&self, user_id: Uuid, provider: &str, sealed: &[u8]) -> Option<String> {
+        match ProviderKeyCipher::open(self, user_id, provider, sealed) {
+            Ok(key) => Some(key),
+            Err(e) => {
+                // Never the key itself: only that it could not be opened (a rotated secret?).
+                tracing::warn!(%user_id, provider, error = %e, "a stored provider key cannot be opened; using shared deployments");
+                None
+            }
+        }
+    }
+}
+
 impl ProviderKeyCipher {
     pub fn from_secret(secret: &[u8]) -> Result<Self, AuthError> {
         let key = Sha256::digest(secret);
@@ -50,7 +70,7 @@ impl ProviderKeyCipher {
         Ok(sealed)
     }
 
-    /// Used when a turn calls a provider with the user's own key (the provider-pool issue).
+    /// Used when a turn calls a provider with the user's own key.
     pub fn open(&self, user_id: Uuid, provider: &str, sealed: &[u8]) -> Result<String, AuthError> {
         if sealed.len() <= NONCE_LEN {
             return Err(AuthError::Keys("sealed provider key is truncated".into()));

@@ -141,6 +141,8 @@ pub struct MessageView<'a> {
     pub latency_ms: Option<i64>,
     pub ttft_ms: Option<i64>,
     pub provider: Option<&'a str>,
+    /// The deployment (models.toml) that served an assistant message.
+    pub deployment: Option<&'a str>,
     pub parent_id: Option<Uuid>,
     pub turn_id: Option<Uuid>,
     #[serde(serialize_with = "rfc3339")]
@@ -161,6 +163,7 @@ impl<'a> From<&'a Message> for MessageView<'a> {
             latency_ms: m.latency_ms,
             ttft_ms: m.ttft_ms,
             provider: m.provider.as_deref(),
+            deployment: m.deployment.as_deref(),
             parent_id: m.parent_id,
             turn_id: m.turn_id,
             created_at: m.created_at,

@@ -844,6 +844,7 @@ pub fn message(
         latency_ms: None,
         ttft_ms: None,
         provider: None,
+        deployment: None,
         parent_id: None,
         turn_id: None,
         created_at: chrono::Utc::now(),

@@ -61,9 +61,13 @@ async fn setup_with(env: &[(&str, &str)]) -> Setup {
         .iter()
         .map(|(id, provider, up)| TestModel::new(id, provider, up))
         .collect();
+    // These tests check each adapter's handling of every failure, so each call goes to the
+    // provider once: no retries, no continuation after a cut (tests/api/routing.rs covers those).
     let mut builder = TestApp::builder()
         .models_toml(&catalogue_toml(&models))
-        .upstream(&upstream);
+        .upstream(&upstream)
+        .env("CHORUS__ROUTING__MAX_ATTEMPTS", "1")
+        .env("CHORUS__ROUTING__CONTINUE_AFTER_CUT", "false");
     for (key, value) in env {
         builder = builder.env(key, value);
     }

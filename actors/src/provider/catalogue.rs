@@ -13,6 +13,8 @@ use super::anthropic::AnthropicProvider;
 use super::gemini::GeminiProvider;
 use super::mock::MockProvider;
 use super::openai::OpenAiProvider;
+use super::pool::{Deployment, DeploymentConfig, PoolState, Pools, RoutingPolicy};
+use crate::quota::TokenBuckets;
 
 /// `[providers.<id>]` in models.toml.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -47,6 +49,60 @@ pub struct ModelSpec {
     pub capabilities: Vec<String>,
     pub tiers: Vec<String>,
     pub max_output_tokens: u32,
+    /// Ways to reach this model. Empty: one deployment, `provider` with `upstream`.
+    #[serde(default)]
+    pub deployments: Vec<DeploymentSpec>,
+    /// Models tried, in order, when every deployment of this one fails before output.
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
+    /// Models tried, in order, when the prompt is too long for this one.
+    #[serde(default)]
+    pub context_fallbacks: Vec<String>,
+    /// Whether a stream cut after output continues on another deployment or fallback, with the
+    /// partial answer as prefix. Unset: `routing.continue_after_cut`.
+    #[serde(default)]
+    pub continue_after_cut: Option<bool>,
+}
+
+/// `[[models.deployments]]`: one way to reach a model.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentSpec {
+    /// Unique across the file. Default: `<model id>@<provider>` (with `#n` for repeats).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// A provider of `[providers]`; the deployment is on when that provider is.
+    pub provider: String,
+    /// The provider's model name. Default: the model's `upstream`.
+    #[serde(default)]
+    pub upstream: Option<String>,
+    /// Another endpoint of the same wire format (a second region, a proxy).
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// Another key (environment variable); the deployment is off when it is unset.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Share of traffic among deployments of the same priority.
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Lower first: priority 1 serves only when no priority-0 deployment is available.
+    #[serde(default)]
+    pub priority: u32,
+    /// Requests and tokens per minute this deployment may take (the provider's limits).
+    #[serde(default)]
+    pub rpm: Option<u64>,
+    #[serde(default)]
+    pub tpm: Option<u64>,
+    /// Deadline for the first token; unset: `turns.first_token_timeout_secs`.
+    #[serde(default)]
+    pub first_token_timeout_ms: Option<u64>,
+    /// Deadline for the whole call; unset: none beyond the gaps between chunks.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+fn one() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -70,15 +126,20 @@ pub enum CatalogueError {
     DuplicateModel(String),
     #[error("models.toml: model `{model}`: {message}")]
     InvalidModel { model: String, message: String },
+    #[error("models.toml: deployment id `{0}` appears twice")]
+    DuplicateDeployment(String),
 }
 
-/// A usable model: its spec plus the provider that serves it.
+/// A usable model: its spec, its enabled deployments, and the first of them as the default
+/// route for calls that need no failover (titles, embeddings).
 #[derive(Clone)]
 pub struct Model {
     pub spec: ModelSpec,
-    /// The provider's id in models.toml (`openai`, `groq`, …) — what messages record.
+    /// The provider id of the first enabled deployment (`openai`, `groq`, …).
     pub provider_id: String,
     pub provider: Arc<dyn Provider>,
+    /// Enabled deployments, in file order.
+    pub deployments: Vec<Arc<Deployment>>,
 }
 
 impl Model {
@@ -98,11 +159,15 @@ impl Model {
     }
 }
 
-/// The enabled models, in file order, by id.
-#[derive(Clone, Default)]
+/// The enabled models, in file order, by id, and the provider pools serving them.
+#[derive(Clone)]
 pub struct Catalogue {
     models: Vec<Model>,
     by_id: HashMap<String, usize>,
+    pools: Arc<Pools>,
+    http: reqwest::Client,
+    /// Wire format and endpoint by provider id, for calls with a user's own key.
+    endpoints: HashMap<String, (String, Option<String>)>,
 }
 
 /// Timeouts of the shared HTTP client: connecting, and the longest silence while reading a
@@ -116,6 +181,17 @@ impl Catalogue {
     pub fn build(
         file: &CatalogueFile,
         env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Catalogue, CatalogueError> {
+        Self::build_with(file, env, RoutingPolicy::default(), None)
+    }
+
+    /// Builds the catalogue and its pools with the routing policy and the buckets that hold
+    /// per-deployment limits (`None`: deployments' rpm/tpm are not enforced).
+    pub fn build_with(
+        file: &CatalogueFile,
+        env: &dyn Fn(&str) -> Option<String>,
+        policy: RoutingPolicy,
+        buckets: Option<Arc<dyn TokenBuckets>>,
     ) -> Result<Catalogue, CatalogueError> {
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
@@ -131,10 +207,20 @@ impl Catalogue {
                 .and_then(env)
                 .filter(|v| !v.trim().is_empty())
         };
-        let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
+        // Enabled providers: id → (kind, base URL, key).
+        let mut enabled: HashMap<String, (String, Option<String>, String)> = HashMap::new();
         for (id, spec) in &file.providers {
+            if !matches!(
+                spec.kind.as_str(),
+                "mock" | "openai" | "anthropic" | "gemini"
+            ) {
+                return Err(CatalogueError::UnknownKind {
+                    provider: id.clone(),
+                    kind: spec.kind.clone(),
+                });
+            }
             let key = set(&spec.api_key_env);
-            let enabled = match spec.kind.as_str() {
+            let on = match spec.kind.as_str() {
                 "mock" => true,
                 _ if spec.enabled_by_env.is_some() => set(&spec.enabled_by_env).is_some(),
                 _ => key.is_some(),
@@ -142,33 +228,25 @@ impl Catalogue {
             let base_url = set(&spec.base_url_env)
                 .or_else(|| spec.base_url.clone())
                 .map(|u| u.trim_end_matches('/').to_owned());
-            let key = key.unwrap_or_default();
-            let provider: Arc<dyn Provider> = match spec.kind.as_str() {
-                "mock" => Arc::new(MockProvider),
-                kind @ ("openai" | "anthropic" | "gemini") => {
-                    let Some(base_url) = base_url else {
-                        return Err(CatalogueError::MissingBaseUrl(id.clone()));
-                    };
-                    match kind {
-                        "openai" => Arc::new(OpenAiProvider::new(base_url, key, http.clone())),
-                        "anthropic" => {
-                            Arc::new(AnthropicProvider::new(base_url, key, http.clone()))
-                        }
-                        _ => Arc::new(GeminiProvider::new(base_url, key, http.clone())),
-                    }
-                }
-                other => {
-                    return Err(CatalogueError::UnknownKind {
-                        provider: id.clone(),
-                        kind: other.to_owned(),
-                    });
-                }
-            };
-            if enabled {
-                providers.insert(id.clone(), provider);
+            if spec.kind != "mock" && base_url.is_none() {
+                return Err(CatalogueError::MissingBaseUrl(id.clone()));
+            }
+            if on {
+                enabled.insert(
+                    id.clone(),
+                    (spec.kind.clone(), base_url, key.unwrap_or_default()),
+                );
             }
         }
-        let mut catalogue = Catalogue::default();
+        let endpoints = enabled
+            .iter()
+            .map(|(id, (kind, base_url, _))| (id.clone(), (kind.clone(), base_url.clone())))
+            .collect();
+
+        let mut models = Vec::new();
+        let mut by_id = HashMap::new();
+        let mut deployment_ids = std::collections::HashSet::new();
+        let mut by_provider: BTreeMap<String, Vec<Arc<Deployment>>> = BTreeMap::new();
         for spec in &file.models {
             if !file.providers.contains_key(&spec.provider) {
                 return Err(CatalogueError::UnknownProvider {
@@ -188,23 +266,143 @@ impl Catalogue {
                     message: "prices must not be negative".into(),
                 });
             }
-            if catalogue.by_id.contains_key(&spec.id)
-                || file.models.iter().filter(|m| m.id == spec.id).count() > 1
-            {
+            if file.models.iter().filter(|m| m.id == spec.id).count() > 1 {
                 return Err(CatalogueError::DuplicateModel(spec.id.clone()));
             }
-            if let Some(provider) = providers.get(&spec.provider) {
-                catalogue
-                    .by_id
-                    .insert(spec.id.clone(), catalogue.models.len());
-                catalogue.models.push(Model {
-                    spec: spec.clone(),
-                    provider_id: spec.provider.clone(),
-                    provider: provider.clone(),
-                });
+            for fallback in spec.fallbacks.iter().chain(&spec.context_fallbacks) {
+                if fallback == &spec.id || !file.models.iter().any(|m| &m.id == fallback) {
+                    return Err(CatalogueError::InvalidModel {
+                        model: spec.id.clone(),
+                        message: format!("fallback `{fallback}` is not another model of this file"),
+                    });
+                }
             }
+            let implicit = [DeploymentSpec {
+                id: None,
+                provider: spec.provider.clone(),
+                upstream: None,
+                base_url: None,
+                api_key_env: None,
+                weight: 1,
+                priority: 0,
+                rpm: None,
+                tpm: None,
+                first_token_timeout_ms: None,
+                timeout_ms: None,
+            }];
+            let specs: &[DeploymentSpec] = if spec.deployments.is_empty() {
+                &implicit
+            } else {
+                &spec.deployments
+            };
+            let mut deployments = Vec::new();
+            for (n, d) in specs.iter().enumerate() {
+                if !file.providers.contains_key(&d.provider) {
+                    return Err(CatalogueError::UnknownProvider {
+                        model: spec.id.clone(),
+                        provider: d.provider.clone(),
+                    });
+                }
+                let id = d.id.clone().unwrap_or_else(|| {
+                    let base = format!("{}@{}", spec.id, d.provider);
+                    if specs[..n]
+                        .iter()
+                        .any(|p| p.id.is_none() && p.provider == d.provider)
+                    {
+                        format!("{base}#{}", n + 1)
+                    } else {
+                        base
+                    }
+                });
+                if !deployment_ids.insert(id.clone()) {
+                    return Err(CatalogueError::DuplicateDeployment(id));
+                }
+                if d.weight == 0 {
+                    return Err(CatalogueError::InvalidModel {
+                        model: spec.id.clone(),
+                        message: format!("deployment `{id}`: weight must be at least 1"),
+                    });
+                }
+                let Some((kind, base_url, key)) = enabled.get(&d.provider) else {
+                    continue;
+                };
+                let key = match &d.api_key_env {
+                    Some(var) => match set(&Some(var.clone())) {
+                        Some(key) => key,
+                        None => continue,
+                    },
+                    None => key.clone(),
+                };
+                let base_url = d
+                    .base_url
+                    .clone()
+                    .map(|u| u.trim_end_matches('/').to_owned())
+                    .or_else(|| base_url.clone());
+                let provider = make_provider(kind, base_url, key, &http);
+                let deployment = Arc::new(Deployment::new(
+                    DeploymentConfig {
+                        id,
+                        provider_id: d.provider.clone(),
+                        upstream: d.upstream.clone().unwrap_or_else(|| spec.upstream.clone()),
+                        weight: d.weight,
+                        priority: d.priority,
+                        rpm: d.rpm.filter(|n| *n > 0),
+                        tpm: d.tpm.filter(|n| *n > 0),
+                        first_token_timeout: d.first_token_timeout_ms.map(Duration::from_millis),
+                        timeout: d.timeout_ms.map(Duration::from_millis),
+                    },
+                    provider,
+                ));
+                by_provider
+                    .entry(d.provider.clone())
+                    .or_default()
+                    .push(deployment.clone());
+                deployments.push(deployment);
+            }
+            let Some(first) = deployments.first() else {
+                continue;
+            };
+            by_id.insert(spec.id.clone(), models.len());
+            models.push(Model {
+                spec: spec.clone(),
+                provider_id: first.config.provider_id.clone(),
+                provider: first.provider.clone(),
+                deployments,
+            });
         }
-        Ok(catalogue)
+        let pools = by_provider
+            .into_iter()
+            .map(|(provider_id, deployments)| {
+                Arc::new(PoolState {
+                    provider_id,
+                    deployments,
+                })
+            })
+            .collect();
+        Ok(Catalogue {
+            models,
+            by_id,
+            pools: Arc::new(Pools::new(pools, buckets, policy)),
+            http,
+            endpoints,
+        })
+    }
+
+    pub fn pools(&self) -> &Arc<Pools> {
+        &self.pools
+    }
+
+    /// The provider of a deployment, called with a user's own key instead of the shared one.
+    pub fn provider_with_key(
+        &self,
+        deployment: &Deployment,
+        key: String,
+    ) -> Option<Arc<dyn Provider>> {
+        let (kind, base_url) = self.endpoints.get(&deployment.config.provider_id)?;
+        if kind == "mock" {
+            return None;
+        }
+        Some(make_provider(kind, base_url.clone(), key, &self.http))
     }
 
     pub fn get(&self, id: &str) -> Option<&Model> {
@@ -219,6 +417,22 @@ impl Catalogue {
     /// user names one.
     pub fn default_chat_model(&self) -> Option<&Model> {
         self.models.iter().find(|m| m.can("chat"))
+    }
+}
+
+/// An adapter for a wire format. `kind` was checked when the providers were read.
+fn make_provider(
+    kind: &str,
+    base_url: Option<String>,
+    key: String,
+    http: &reqwest::Client,
+) -> Arc<dyn Provider> {
+    let base_url = base_url.unwrap_or_default();
+    match kind {
+        "openai" => Arc::new(OpenAiProvider::new(base_url, key, http.clone())),
+        "anthropic" => Arc::new(AnthropicProvider::new(base_url, key, http.clone())),
+        "gemini" => Arc::new(GeminiProvider::new(base_url, key, http.clone())),
+        _ => Arc::new(MockProvider),
     }
 }
 
@@ -273,6 +487,10 @@ mod tests {
             capabilities: vec!["chat".into()],
             tiers: vec!["free".into()],
             max_output_tokens: 512,
+            deployments: Vec::new(),
+            fallbacks: Vec::new(),
+            context_fallbacks: Vec::new(),
+            continue_after_cut: None,
         }
     }
 

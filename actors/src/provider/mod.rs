@@ -15,6 +15,8 @@ pub mod catalogue;
 pub mod gemini;
 pub mod mock;
 pub mod openai;
+pub mod pool;
+pub mod routing;
 pub mod sse;
 
 use std::time::Duration;
@@ -194,6 +196,13 @@ pub trait Provider: Send + Sync + 'static {
             message: format!("{} has no embeddings API", self.kind()),
         })
     }
+}
+
+/// Opens users' sealed provider keys (bring-your-own-key). The edge holds the master key and
+/// implements this; sessions call it when a turn starts.
+pub trait KeyOpener: std::fmt::Debug + Send + Sync + 'static {
+    /// The plaintext key, or `None` when it cannot be opened (logged by the implementation).
+    fn open(&self, user_id: uuid::Uuid, provider: &str, sealed: &[u8]) -> Option<String>;
 }
 
 /// Parses a `Retry-After` header value given in seconds (the form providers use).

@@ -5,4 +5,6 @@
 mod local;
 
 pub use local::{Decision, KeyedLimiter, LimitSpec};
+mod buckets;
 pub mod tiers;
+pub use buckets::{Admission, BackendHealth, BucketSpec, TokenBuckets};

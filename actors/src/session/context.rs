@@ -142,9 +142,14 @@ mod tests {
                 capabilities: vec!["chat".into()],
                 tiers: vec![],
                 max_output_tokens: 10,
+                deployments: Vec::new(),
+                fallbacks: Vec::new(),
+                context_fallbacks: Vec::new(),
+                continue_after_cut: None,
             },
             provider_id: "mock".into(),
             provider: Arc::new(MockProvider),
+            deployments: Vec::new(),
         }
     }
 
@@ -162,6 +167,7 @@ mod tests {
             latency_ms: None,
             ttft_ms: None,
             provider: None,
+            deployment: None,
             parent_id: None,
             turn_id: None,
             created_at: Utc::now(),

@@ -29,7 +29,7 @@ use crate::store::{ApiKey, ProviderKey, StoreError, Thread, User};
 pub use supervisor::{SessionSupervisor, SessionSupervisorArgs, SessionSupervisorMessage};
 pub use user_session::{UserSession, UserSessionMessage, usage_period};
 
-use crate::provider::ProviderError;
+use crate::provider::{KeyOpener, ProviderError};
 use events::ThreadEvents;
 use turn::{FirstOutcome, TurnTimeouts};
 
@@ -42,6 +42,8 @@ pub struct SessionConfig {
     pub call_timeout: Duration,
     /// Provider deadlines of turns.
     pub turn_timeouts: TurnTimeouts,
+    /// Opens users' own provider keys; `None`: users' keys are not used.
+    pub key_opener: Option<Arc<dyn KeyOpener>>,
 }
 
 impl Default for SessionConfig {
@@ -50,6 +52,7 @@ impl Default for SessionConfig {
             idle_timeout: Duration::from_secs(600),
             call_timeout: Duration::from_secs(10),
             turn_timeouts: TurnTimeouts::default(),
+            key_opener: None,
         }
     }
 }

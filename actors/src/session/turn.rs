@@ -7,6 +7,7 @@
 //! *before* its `message_complete` event, and the turn's `done` event comes after every leg is
 //! stored, so a client that saw `done` can read the messages back at once.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,9 +21,15 @@ use uuid::Uuid;
 use super::context::count_tokens;
 use super::events::ThreadEvents;
 use super::user_session::UserSessionMessage;
-use crate::provider::catalogue::Model;
-use crate::provider::{ChatRequest, Chunk, FinishReason, ProviderError, TokenUsage};
+use crate::provider::catalogue::{Catalogue, Model};
+use crate::provider::routing::{self, Failover, RouteOptions, Routed};
+use crate::provider::{
+    ChatMessage, ChatRequest, ChatRole, Chunk, FinishReason, ProviderError, TokenUsage,
+};
 use crate::store::{Message, MessageStatus, Store, Usage};
+
+/// Times a cut answer may continue elsewhere before it ends with an `error` event.
+const MAX_CONTINUATIONS: u32 = 2;
 
 /// How often a streaming answer's text so far is written to its stored row.
 const PARTIAL_FLUSH_EVERY: Duration = Duration::from_secs(1);
@@ -53,6 +60,8 @@ pub struct TurnLeg {
     pub request: ChatRequest,
     /// Prompt tokens as counted by context assembly (used when the provider reports none).
     pub estimated_input_tokens: u64,
+    /// The deployment that served this model in the thread last (prompt-cache affinity).
+    pub affinity: Option<String>,
 }
 
 /// How the turn started, for an edge deciding between an SSE stream and an HTTP error.
@@ -78,6 +87,10 @@ pub struct TurnArgs {
     pub timeouts: TurnTimeouts,
     /// The calendar period (`YYYY-MM`) whose usage counters this turn adds to.
     pub usage_period: String,
+    /// Models and the pools that route their calls.
+    pub catalogue: Arc<Catalogue>,
+    /// The user's own provider keys by provider id (bring-your-own-key).
+    pub own_keys: HashMap<String, String>,
 }
 
 /// What a settled leg reports back to the session.
@@ -167,6 +180,8 @@ async fn run(args: TurnArgs) {
         first_outcome,
         timeouts,
         usage_period,
+        catalogue,
+        own_keys,
     } = args;
     let gate = std::sync::Mutex::new(FirstOutcomeGate {
         sender: first_outcome,
@@ -181,6 +196,8 @@ async fn run(args: TurnArgs) {
         store: &*store,
         timeouts,
         gate: &gate,
+        catalogue: &catalogue,
+        own_keys: &own_keys,
     };
     let results = futures_util::future::join_all(
         legs.into_iter()
@@ -227,6 +244,8 @@ struct LegContext<'a> {
     store: &'a dyn Store,
     timeouts: TurnTimeouts,
     gate: &'a std::sync::Mutex<FirstOutcomeGate>,
+    catalogue: &'a Catalogue,
+    own_keys: &'a HashMap<String, String>,
 }
 
 enum LegEnd {
@@ -245,6 +264,7 @@ async fn run_leg(
         mut message,
         request,
         estimated_input_tokens,
+        affinity,
     } = leg;
     let message_id = message.id;
     ctx.log.append(
@@ -263,49 +283,102 @@ async fn run_leg(
     let mut text = String::new();
     let mut usage = TokenUsage::default();
     let mut ttft: Option<Duration> = None;
+    // The model and deployment that served the latest part of the answer.
+    let mut served: Option<(Model, String, String)> = None;
+    let continue_after_cut = model
+        .spec
+        .continue_after_cut
+        .unwrap_or(ctx.catalogue.pools().policy.continue_after_cut);
+    let mut options = RouteOptions {
+        affinity,
+        estimated_tokens: estimated_input_tokens + u64::from(request.max_tokens.unwrap_or(0)),
+        first_token_timeout: ctx.timeouts.first_token,
+        own_keys: ctx.own_keys.clone(),
+        exclude: Vec::new(),
+    };
+    let mut continuations = 0u32;
 
-    let end = 'leg: {
+    let end = 'leg: loop {
+        // A continuation asks the next deployment to go on from the text so far.
+        let mut call = request.clone();
+        if !text.is_empty() {
+            call.messages.push(ChatMessage {
+                role: ChatRole::Assistant,
+                content: text.clone(),
+            });
+        }
+        let mut on_failover = |failover: Failover| {
+            ctx.log.append(
+                ctx.turn_id,
+                "status",
+                &json!({
+                    "message_id": message_id,
+                    "stage": "failover",
+                    "message": failover.describe(),
+                    "reason": failover.reason,
+                    "from_model": failover.from_model,
+                    "to_model": failover.to_model,
+                }),
+            );
+        };
         let opened = tokio::select! {
             biased;
             _ = cancelled(&mut cancel) => break 'leg LegEnd::Cancelled,
-            opened = tokio::time::timeout(ctx.timeouts.first_token, model.provider.stream(request)) => opened,
+            opened = routing::open_stream(ctx.catalogue, &model, &call, &options, &mut on_failover) => opened,
         };
-        let mut stream = match opened {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(error)) => break 'leg LegEnd::Failed(error),
-            Err(_) => {
-                break 'leg LegEnd::Failed(ProviderError::Timeout {
-                    message: format!("no response within {:?}", ctx.timeouts.first_token),
-                });
-            }
+        let Routed {
+            value: mut stream,
+            mut lease,
+            model: used,
+            ..
+        } = match opened {
+            Ok(routed) => routed,
+            Err(error) => break 'leg LegEnd::Failed(error),
         };
+        served = Some((
+            used.clone(),
+            lease.provider_id().to_owned(),
+            lease.id().to_owned(),
+        ));
+        let segment_started = Instant::now();
+        let call_deadline = lease.deployment.config.timeout.map(|t| segment_started + t);
+        let mut segment_usage = TokenUsage::default();
+        let mut segment_text = 0usize;
         let mut finish = None;
-        loop {
-            let wait = if ttft.is_none() {
-                ctx.timeouts.first_token.saturating_sub(started.elapsed())
-            } else {
-                ctx.timeouts.between_chunks
-            };
+        let failure = loop {
+            let mut wait = ctx.timeouts.between_chunks;
+            if let Some(deadline) = call_deadline {
+                wait = wait.min(deadline.saturating_duration_since(Instant::now()));
+            }
             let next = tokio::select! {
                 biased;
-                _ = cancelled(&mut cancel) => break 'leg LegEnd::Cancelled,
+                _ = cancelled(&mut cancel) => {
+                    settle_segment(&mut usage, segment_usage);
+                    lease.settle_tokens(usage_total(segment_usage)).await;
+                    break 'leg LegEnd::Cancelled;
+                }
                 next = tokio::time::timeout(wait, stream.next()) => next,
             };
             match next {
                 Err(_) => {
-                    break 'leg LegEnd::Failed(ProviderError::Timeout {
+                    break ProviderError::Timeout {
                         message: format!("no data from the provider for {wait:?}"),
-                    });
+                    };
                 }
-                Ok(None) => {
-                    if finish.is_none() {
-                        break 'leg LegEnd::Failed(ProviderError::Transport {
-                            message: "stream ended before completion".into(),
-                        });
+                Ok(None) => match finish.take() {
+                    Some(reason) => {
+                        lease.succeeded(ttft.unwrap_or_else(|| segment_started.elapsed()));
+                        settle_segment(&mut usage, segment_usage);
+                        lease.settle_tokens(usage_total(segment_usage)).await;
+                        break 'leg LegEnd::Finished(Some(reason));
                     }
-                    break 'leg LegEnd::Finished(finish);
-                }
-                Ok(Some(Err(error))) => break 'leg LegEnd::Failed(error),
+                    None => {
+                        break ProviderError::Transport {
+                            message: "stream ended before completion".into(),
+                        };
+                    }
+                },
+                Ok(Some(Err(error))) => break error,
                 Ok(Some(Ok(chunk))) => match chunk {
                     Chunk::Text(delta) => {
                         if delta.is_empty() {
@@ -320,6 +393,7 @@ async fn run_leg(
                             "delta",
                             &json!({ "message_id": message_id, "text": delta }),
                         );
+                        segment_text += delta.len();
                         text.push_str(&delta);
                         // Keep the stored row close to what clients saw, so a crash loses at
                         // most about a second of text (the reaper settles what is stored).
@@ -333,17 +407,54 @@ async fn run_leg(
                     }
                     Chunk::Usage(reported) => {
                         if reported.input_tokens > 0 {
-                            usage.input_tokens = reported.input_tokens;
+                            segment_usage.input_tokens = reported.input_tokens;
                         }
                         if reported.output_tokens > 0 {
-                            usage.output_tokens = reported.output_tokens;
+                            segment_usage.output_tokens = reported.output_tokens;
                         }
                     }
                     Chunk::Finish(reason) => finish = Some(reason),
                     Chunk::ToolCall(_) => {}
                 },
             }
+        };
+        // The stream failed after output: the deployment is judged, the part is charged.
+        lease.failed(&failure);
+        if segment_usage.input_tokens == 0 {
+            segment_usage.input_tokens = estimated_input_tokens;
         }
+        settle_segment(&mut usage, segment_usage);
+        lease.settle_tokens(usage_total(segment_usage)).await;
+        let _ = segment_text;
+        if continue_after_cut && continuations < MAX_CONTINUATIONS && !*cancel.borrow() {
+            continuations += 1;
+            options.exclude.push(lease.id().to_owned());
+            options.affinity = None;
+            ctx.log.append(
+                ctx.turn_id,
+                "status",
+                &json!({
+                    "message_id": message_id,
+                    "stage": "failover",
+                    "message": format!(
+                        "the answer was cut on {} ({}); continuing elsewhere",
+                        lease.id(),
+                        failure.class()
+                    ),
+                    "reason": failure.class(),
+                    "from_model": used.spec.id,
+                    "to_model": null,
+                }),
+            );
+            tracing::warn!(
+                %message_id,
+                deployment = %lease.id(),
+                class = failure.class(),
+                "stream cut after output; continuing on another deployment"
+            );
+            continue 'leg;
+        }
+        break 'leg LegEnd::Failed(failure);
     };
 
     // Providers that never reported usage (a cut stream, a cancel) are charged by estimate, so
@@ -353,8 +464,9 @@ async fn run_leg(
     if usage.input_tokens == 0 && !refused_before_output {
         usage.input_tokens = estimated_input_tokens;
     }
+    let billed_model = served.as_ref().map_or(&model, |(m, _, _)| m);
     if usage.output_tokens == 0 && !text.is_empty() {
-        usage.output_tokens = count_tokens(&model, &text) as u64;
+        usage.output_tokens = count_tokens(billed_model, &text) as u64;
     }
     let (status, finish_reason, error) = match end {
         LegEnd::Finished(reason) => (MessageStatus::Complete, reason, None),
@@ -367,7 +479,7 @@ async fn run_leg(
             None => lock_gate(ctx).started(),
         }
     }
-    let cost = model.cost_usd(usage.input_tokens, usage.output_tokens);
+    let cost = billed_model.cost_usd(usage.input_tokens, usage.output_tokens);
     let latency_ms = started.elapsed().as_millis() as i64;
     message.content = text;
     message.status = status;
@@ -378,7 +490,12 @@ async fn run_leg(
     message.cost_usd = cost;
     message.latency_ms = Some(latency_ms);
     message.ttft_ms = ttft.map(|d| d.as_millis() as i64);
-    message.provider = Some(model.provider_id.clone());
+    let (provider, deployment) = match &served {
+        Some((_, provider, deployment)) => (provider.clone(), Some(deployment.clone())),
+        None => (model.provider_id.clone(), None),
+    };
+    message.provider = Some(provider.clone());
+    message.deployment.clone_from(&deployment);
     if let Err(e) = ctx.store.update_message(&message).await {
         // The row stays `streaming`; the session's reaper settles it on restart.
         tracing::error!(error = %e, %message_id, "storing the assistant message failed");
@@ -406,10 +523,22 @@ async fn run_leg(
             "cost_usd": cost,
             "latency_ms": latency_ms,
             "ttft_ms": message.ttft_ms,
-            "provider": model.provider_id,
+            "provider": provider,
+            "deployment": deployment,
+            "model_used": billed_model.spec.id,
         }),
     );
     LegResult { message, error }
+}
+
+/// Adds one part's usage (a continuation after a cut is a second part) to the answer's.
+fn settle_segment(total: &mut TokenUsage, part: TokenUsage) {
+    total.input_tokens += part.input_tokens;
+    total.output_tokens += part.output_tokens;
+}
+
+fn usage_total(usage: TokenUsage) -> u64 {
+    usage.input_tokens + usage.output_tokens
 }
 
 fn lock_gate<'a>(ctx: &'a LegContext<'_>) -> std::sync::MutexGuard<'a, FirstOutcomeGate> {

@@ -23,7 +23,7 @@ use super::events::ThreadEvents;
 use super::turn::{LegResult, Turn, TurnArgs, TurnLeg, TurnTimeouts};
 use super::{NewThread, ProfilePatch, SendMessage, SessionError, ThreadPatch, TurnStarted};
 use crate::provider::catalogue::{Catalogue, Model};
-use crate::provider::{ChatMessage, ChatRequest, ChatRole};
+use crate::provider::{ChatMessage, ChatRequest, ChatRole, KeyOpener};
 use crate::store::{
     ApiKey, Message, MessageQuery, MessageRole, MessageStatus, Order, ProviderKey, Store, Summary,
     Thread, Usage, User,
@@ -37,6 +37,7 @@ pub struct UserSessionArgs {
     pub catalogue: Arc<Catalogue>,
     pub idle_timeout: Duration,
     pub turn_timeouts: TurnTimeouts,
+    pub key_opener: Option<Arc<dyn KeyOpener>>,
 }
 
 /// A turn that is still running.
@@ -57,6 +58,9 @@ pub struct UserSessionState {
     catalogue: Arc<Catalogue>,
     idle_timeout: Duration,
     turn_timeouts: TurnTimeouts,
+    key_opener: Option<Arc<dyn KeyOpener>>,
+    /// The user's own provider keys, opened once; cleared when they change.
+    own_keys: Option<HashMap<String, String>>,
     last_active: Instant,
     idle_timer: Option<JoinHandle<()>>,
     /// Event logs by thread, kept while the session lives so clients can resume.
@@ -128,6 +132,8 @@ impl Actor for UserSession {
             catalogue: args.catalogue,
             idle_timeout: args.idle_timeout,
             turn_timeouts: args.turn_timeouts,
+            key_opener: args.key_opener,
+            own_keys: None,
             last_active: Instant::now(),
             idle_timer: Some(idle_timer),
             logs: HashMap::new(),
@@ -239,6 +245,7 @@ impl Actor for UserSession {
                 let _ = reply.send(delete_api_key(state, key_id).await);
             }
             UserSessionMessage::PutProviderKey(key, reply) => {
+                state.own_keys = None;
                 let result = if key.user_id == state.user_id {
                     state.store.put_provider_key(&key).await.map_err(Into::into)
                 } else {
@@ -328,6 +335,7 @@ impl Actor for UserSession {
                 }
             }
             UserSessionMessage::DeleteProviderKey(provider, reply) => {
+                state.own_keys = None;
                 let result = match state
                     .store
                     .delete_provider_key(state.user_id, &provider)
@@ -565,6 +573,7 @@ fn new_message(state: &UserSessionState, thread_id: Uuid, turn_id: Uuid) -> Mess
         latency_ms: None,
         ttft_ms: None,
         provider: None,
+        deployment: None,
         parent_id: None,
         turn_id: Some(turn_id),
         created_at: Utc::now(),
@@ -681,11 +690,20 @@ async fn launch_turn(
         store.append_message(&message).await?;
         placeholders.push(message.clone());
         assistant_messages.push(message.clone());
+        // Prompt-cache affinity: the deployment that answered this model here last.
+        let affinity = history
+            .iter()
+            .rev()
+            .find(|m| {
+                m.role == MessageRole::Assistant && m.model.as_deref() == Some(&model.spec.id)
+            })
+            .and_then(|m| m.deployment.clone());
         legs.push(TurnLeg {
             model,
             message,
             request,
             estimated_input_tokens: stats.estimated_tokens as u64,
+            affinity,
         });
     }
 
@@ -706,6 +724,8 @@ async fn launch_turn(
         first_outcome: Some(first_tx),
         timeouts: state.turn_timeouts,
         usage_period: usage_period(),
+        catalogue: state.catalogue.clone(),
+        own_keys: own_keys(state).await,
     };
     let (turn, _) = Actor::spawn_linked(None, Turn, args, myself.get_cell())
         .await
@@ -729,6 +749,33 @@ async fn launch_turn(
         from_seq,
         first_outcome: first_rx,
     })
+}
+
+/// The user's own provider keys, opened (once per session, or after they change).
+async fn own_keys(state: &mut UserSessionState) -> HashMap<String, String> {
+    let Some(opener) = state.key_opener.clone() else {
+        return HashMap::new();
+    };
+    if let Some(keys) = &state.own_keys {
+        return keys.clone();
+    }
+    let keys: HashMap<String, String> = match state.store.list_provider_keys(state.user_id).await {
+        Ok(sealed) => sealed
+            .iter()
+            .filter_map(|k| {
+                opener
+                    .open(state.user_id, &k.provider, &k.sealed)
+                    .map(|plain| (k.provider.clone(), plain))
+            })
+            .collect(),
+        Err(e) => {
+            // Shared deployments still serve the user; the keys are read again next turn.
+            tracing::warn!(error = %e, "reading the user's provider keys failed");
+            return HashMap::new();
+        }
+    };
+    state.own_keys = Some(keys.clone());
+    keys
 }
 
 /// The calendar month in UTC (`YYYY-MM`): the period of monthly usage counters.

@@ -153,6 +153,7 @@ pub fn message(thread: &Thread, secs: i64, model: Option<&str>) -> Message {
         latency_ms: None,
         ttft_ms: None,
         provider: None,
+        deployment: None,
         parent_id: None,
         turn_id: None,
         created_at: at(secs),
@@ -1026,6 +1027,7 @@ pub async fn message_round_trips_and_updates(store: Arc<dyn Store>) {
         content: String::new(),
         status: MessageStatus::Streaming,
         provider: Some("openai".to_owned()),
+        deployment: None,
         parent_id: Some(question.id),
         turn_id: Some(Uuid::now_v7()),
         created_at: at(2),
@@ -1059,6 +1061,7 @@ pub async fn message_round_trips_and_updates(store: Arc<dyn Store>) {
         latency_ms: Some(1_250),
         ttft_ms: Some(180),
         provider: Some("azure".to_owned()),
+        deployment: Some("gpt-4o@azure".to_owned()),
         model: Some("gpt-4o-2024".to_owned()),
         ..answer.clone()
     };

@@ -190,6 +190,8 @@ pub struct Message {
     pub latency_ms: Option<i64>,
     pub ttft_ms: Option<i64>,
     pub provider: Option<String>,
+    /// The deployment (models.toml) that served an assistant message.
+    pub deployment: Option<String>,
     /// The message this one answers (the user message for an assistant reply).
     pub parent_id: Option<Uuid>,
     pub turn_id: Option<Uuid>,

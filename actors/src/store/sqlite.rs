@@ -507,7 +507,7 @@ fn thread_from_row(row: &Row<'_>) -> rusqlite::Result<Thread> {
 macro_rules! message_cols {
     () => {
         "user_id, thread_id, id, role, model, content, status, input_tokens, output_tokens, \
-         cost_usd, latency_ms, ttft_ms, provider, parent_id, turn_id, created_at"
+         cost_usd, latency_ms, ttft_ms, provider, parent_id, turn_id, created_at, deployment"
     };
 }
 
@@ -531,6 +531,7 @@ fn message_from_row(row: &Row<'_>) -> rusqlite::Result<Message> {
         parent_id: opt_uuid_col(row, 13)?,
         turn_id: opt_uuid_col(row, 14)?,
         created_at: time_col(row, 15)?,
+        deployment: row.get(16)?,
     })
 }
 
@@ -997,7 +998,7 @@ impl Store for SqliteStore {
             tx.prepare_cached(concat!(
                 "INSERT INTO messages (",
                 message_cols!(),
-                ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+                ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
             ))?
             .execute(params![
                 id(m.user_id),
@@ -1016,6 +1017,7 @@ impl Store for SqliteStore {
                 opt_id(m.parent_id),
                 opt_id(m.turn_id),
                 micros(m.created_at),
+                m.deployment,
             ])?;
             tx.prepare_cached(
                 "UPDATE threads SET message_count = message_count + 1, \
@@ -1038,7 +1040,7 @@ impl Store for SqliteStore {
                 .prepare_cached(
                     "UPDATE messages SET content = ?4, status = ?5, input_tokens = ?6, \
                      output_tokens = ?7, cost_usd = ?8, latency_ms = ?9, ttft_ms = ?10, \
-                     provider = ?11, model = ?12 \
+                     provider = ?11, model = ?12, deployment = ?13 \
                      WHERE user_id = ?1 AND thread_id = ?2 AND id = ?3",
                 )?
                 .execute(params![
@@ -1054,6 +1056,7 @@ impl Store for SqliteStore {
                     m.ttft_ms,
                     m.provider,
                     m.model,
+                    m.deployment,
                 ])?;
             Ok(changed > 0)
         })

@@ -146,10 +146,17 @@ CREATE TABLE provider_keys (
 CREATE INDEX messages_streaming ON messages (created_at) WHERE status = 'streaming';
 "#,
     },
+    Migration {
+        version: 4,
+        name: "the deployment that served an assistant message",
+        sql: r#"
+ALTER TABLE messages ADD COLUMN deployment TEXT;
+"#,
+    },
 ];
 
 /// The newest schema version this binary knows.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// What a migration run did (see [`SqliteStore::migrate`](super::SqliteStore::migrate)).
 #[derive(Debug, Clone, PartialEq, Eq)]
