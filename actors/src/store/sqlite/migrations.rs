@@ -146,10 +146,22 @@ CREATE TABLE provider_keys (
 CREATE INDEX messages_streaming ON messages (created_at) WHERE status = 'streaming';
 "#,
     },
+    Migration {
+        version: 4,
+        name: "billing events seen by the webhook",
+        sql: r#"
+CREATE TABLE billing_events (
+    event_id    TEXT    NOT NULL PRIMARY KEY,
+    user_id     TEXT    NOT NULL,
+    type        TEXT    NOT NULL,
+    received_at INTEGER NOT NULL
+) STRICT;
+"#,
+    },
 ];
 
 /// The newest schema version this binary knows.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// What a migration run did (see [`SqliteStore::migrate`](super::SqliteStore::migrate)).
 #[derive(Debug, Clone, PartialEq, Eq)]
