@@ -93,6 +93,7 @@ pub struct RawConfig {
     pub routing: RawRouting,
     pub redis: RawRedis,
     pub billing: RawBilling,
+    pub metrics: RawMetrics,
     pub log: RawLog,
 }
 
@@ -200,6 +201,14 @@ pub struct RawLimits {
     pub api_keys_per_user: usize,
 }
 
+/// `[metrics]`: basic auth of `GET /metrics`; both empty leaves it open.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    pub basic_auth_user: String,
+    pub basic_auth_password: Secret,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLog {
@@ -224,6 +233,7 @@ pub struct Config {
     pub routing: RawRouting,
     pub redis: RedisConfig,
     pub billing: BillingConfig,
+    pub metrics: MetricsConfig,
     pub log: LogConfig,
 }
 
@@ -243,6 +253,18 @@ pub struct BillingConfig {
     pub webhook_secret: Option<Secret>,
     /// How far a signed event's timestamp may be from now (replay protection).
     pub tolerance: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    /// `None`: `/metrics` needs no credentials.
+    pub basic_auth: Option<BasicAuth>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BasicAuth {
+    pub user: String,
+    pub password: Secret,
 }
 
 #[derive(Debug, Clone)]
@@ -426,6 +448,36 @@ impl Config {
                 .then(|| raw.billing.webhook_secret.clone()),
             tolerance: Duration::from_secs(raw.billing.tolerance_secs.max(1)),
         };
+        let metrics = MetricsConfig {
+            basic_auth: match (
+                raw.metrics.basic_auth_user.is_empty(),
+                raw.metrics.basic_auth_password.is_empty(),
+            ) {
+                (true, true) => None,
+                (false, false) => Some(BasicAuth {
+                    user: raw.metrics.basic_auth_user.clone(),
+                    password: raw.metrics.basic_auth_password.clone(),
+                }),
+                (true, false) => {
+                    return Err(invalid(
+                        "metrics.basic_auth_user",
+                        "must be set when metrics.basic_auth_password is",
+                    ));
+                }
+                (false, true) => {
+                    return Err(invalid(
+                        "metrics.basic_auth_password",
+                        "must be set when metrics.basic_auth_user is",
+                    ));
+                }
+            },
+        };
+        if raw.metrics.basic_auth_user.contains(':') {
+            return Err(invalid(
+                "metrics.basic_auth_user",
+                "must not contain `:` (basic auth separates user and password with it)",
+            ));
+        }
         if raw.sessions.idle_timeout_secs == 0 {
             return Err(invalid(
                 "sessions.idle_timeout_secs",
@@ -507,6 +559,7 @@ impl Config {
             routing: raw.routing.clone(),
             redis,
             billing,
+            metrics,
             log: LogConfig {
                 format,
                 level: raw.log.level.clone(),
@@ -952,6 +1005,36 @@ mod tests {
         std::fs::write(&file, "[limits]\napi_keys_per_user = \"many\"\n").unwrap();
         let text = error_text(Config::load(Some(&file), env(&[])));
         assert!(text.contains("limits.api_keys_per_user"), "{text}");
+    }
+
+    #[test]
+    fn metrics_basic_auth_needs_both_halves() {
+        let config = Config::load(None, env(&[])).unwrap();
+        assert!(config.metrics.basic_auth.is_none());
+        let config = Config::load(
+            None,
+            env(&[
+                ("CHORUS__METRICS__BASIC_AUTH_USER", "prom"),
+                ("CHORUS__METRICS__BASIC_AUTH_PASSWORD", "scrape-secret"),
+            ]),
+        )
+        .unwrap();
+        let auth = config.metrics.basic_auth.as_ref().unwrap();
+        assert_eq!(
+            (auth.user.as_str(), auth.password.expose()),
+            ("prom", "scrape-secret")
+        );
+        assert!(!config.to_redacted_toml().unwrap().contains("scrape-secret"));
+        let text = error_text(Config::load(
+            None,
+            env(&[("CHORUS__METRICS__BASIC_AUTH_USER", "prom")]),
+        ));
+        assert!(text.contains("metrics.basic_auth_password"), "{text}");
+        let text = error_text(Config::load(
+            None,
+            env(&[("CHORUS__METRICS__BASIC_AUTH_PASSWORD", "x")]),
+        ));
+        assert!(text.contains("metrics.basic_auth_user"), "{text}");
     }
 
     #[test]

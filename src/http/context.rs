@@ -165,17 +165,22 @@ impl Ctx {
     /// An empty body decodes as `{}`, so routes whose fields are all optional accept no body.
     pub async fn json<T: DeserializeOwned>(&self, body: Body) -> Result<T, ApiError> {
         let bytes = self.read_body(body).await?;
+        self.decode_json(&bytes)
+    }
+
+    /// Decodes a body already read (see [`Ctx::read_body`]) as [`Ctx::json`] does.
+    pub fn decode_json<T: DeserializeOwned>(&self, bytes: &[u8]) -> Result<T, ApiError> {
         let bytes: &[u8] = match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
             None => b"{}",
             Some(first) => {
                 self.require_json_content_type()?;
                 // Derived structs would also accept a JSON array as positional fields; the
                 // contract's bodies are objects.
-                if *first != b'{' && serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok()
+                if *first != b'{' && serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok()
                 {
                     return Err(ApiError::validation("request body must be a JSON object"));
                 }
-                &bytes
+                bytes
             }
         };
         let mut deserializer = serde_json::Deserializer::from_slice(bytes);
@@ -217,7 +222,8 @@ impl Ctx {
         }
     }
 
-    async fn read_body(&self, body: Body) -> Result<Bytes, ApiError> {
+    /// The raw body, up to the configured limit (413 beyond it).
+    pub async fn read_body(&self, body: Body) -> Result<Bytes, ApiError> {
         let limit = self.state.config.server.body_limit_bytes;
         let too_large = || {
             ApiError::new(
@@ -286,6 +292,7 @@ where
         path = %ctx.path,
     );
     let metrics = ctx.state.metrics.clone();
+    let labels = super::metrics::RequestLabels::of(&ctx.method, &ctx.path);
     async move {
         let started = Instant::now();
         let _in_flight = metrics.begin_request();
@@ -297,7 +304,9 @@ where
             response.headers_mut().insert("x-request-id", value);
         }
         let status = response.status();
-        let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let elapsed = started.elapsed();
+        labels.record(status, elapsed);
+        let latency_ms = elapsed.as_secs_f64() * 1000.0;
         if status.is_server_error() {
             tracing::warn!(status = status.as_u16(), latency_ms, "request finished");
         } else {

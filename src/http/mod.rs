@@ -4,11 +4,14 @@
 //! handler through [`respond`]. Anything no route matched gets the envelope's 404 from the last,
 //! catch-all route, so every response — errors included — carries `X-Request-Id`.
 
+mod admin;
 mod auth_routes;
+mod billing;
 pub mod context;
 pub mod error;
 mod me;
 pub mod messages;
+pub mod metrics;
 mod models;
 mod openai;
 mod ops;
@@ -44,6 +47,24 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
             .and(warp::get())
             .and(ctx.clone())
             .then(|c| respond(c, ops::readyz)))
+        .unify()
+        .or(warp::path!("metrics")
+            .and(warp::get())
+            .and(ctx.clone())
+            .then(|c| respond(c, metrics::serve)))
+        .unify()
+        .boxed();
+
+    let admin = warp::path!("api" / "v1" / "admin" / "users" / String)
+        .and(warp::patch())
+        .and(ctx.clone())
+        .and(body())
+        .then(|id, c, b| respond(c, move |c| admin::patch_user(c, id, b)))
+        .or(warp::path!("api" / "v1" / "billing" / "webhook")
+            .and(warp::post())
+            .and(ctx.clone())
+            .and(body())
+            .then(|c, b| with_body(c, b, billing::webhook)))
         .unify()
         .boxed();
 
@@ -235,6 +256,8 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
         .or(threads)
         .unify()
         .or(turns)
+        .unify()
+        .or(admin)
         .unify()
         .or(fallback)
         .unify();

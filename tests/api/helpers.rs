@@ -549,6 +549,23 @@ impl TestApp {
         self.register(&unique_email(), PASSWORD).await
     }
 
+    /// Registers a user, makes them an admin in the store (as `chorus user create --admin`
+    /// would have), and logs in again so the access token carries the role.
+    pub async fn register_admin(&self) -> Session {
+        let session = self.register_user().await;
+        let store = self.store().await;
+        let mut user = store
+            .get_user(session.user_uuid())
+            .await
+            .expect("reading the new user")
+            .expect("the new user exists");
+        user.role = chorus_actors::store::Role::Admin;
+        assert!(store.update_user(&user).await.expect("promoting to admin"));
+        let admin = self.login(&session.email, &session.password).await;
+        assert_eq!(admin.user["role"], "admin", "{:?}", admin.user);
+        admin
+    }
+
     pub async fn login_raw(&self, email: &str, password: &str) -> Response {
         self.post_json(
             "/api/v1/auth/login",

@@ -6,7 +6,9 @@
 mod helpers;
 
 mod account;
+mod admin;
 mod auth;
+mod billing;
 mod chat;
 mod cli;
 mod edge;
@@ -14,6 +16,7 @@ mod isolation;
 mod lifecycle;
 mod limits;
 mod messages;
+mod metrics;
 mod openai_compat;
 mod providers;
 mod threads;

@@ -25,7 +25,7 @@ use ractor::{ActorRef, RpcReplyPort};
 use uuid::Uuid;
 
 use crate::node::SupervisorSlot;
-use crate::store::{ApiKey, ProviderKey, StoreError, Thread, User};
+use crate::store::{ApiKey, ProviderKey, Role, StoreError, Thread, User};
 pub use supervisor::{SessionSupervisor, SessionSupervisorArgs, SessionSupervisorMessage};
 pub use user_session::{UserSession, UserSessionMessage, usage_period};
 
@@ -126,6 +126,14 @@ pub struct ProfilePatch {
     pub system_prompt: Option<Option<String>>,
 }
 
+/// A change of a user's plan or role, by an admin or the billing webhook; `None` leaves a field
+/// alone. The tier is validated against the configured tiers by the caller.
+#[derive(Debug, Clone, Default)]
+pub struct TierRoleChange {
+    pub tier: Option<String>,
+    pub role: Option<Role>,
+}
+
 /// A session that can still take messages. A freshly spawned actor reports `Starting` for a
 /// moment after `spawn` returns; treating that as dead would spawn a second session for the same
 /// user and break per-user serialization.
@@ -198,6 +206,18 @@ impl Sessions {
     ) -> Result<User, SessionError> {
         self.request(user_id, |reply| {
             UserSessionMessage::UpdateProfile(patch.clone(), reply)
+        })
+        .await
+    }
+
+    /// Changes the user's tier and/or role; the stored user after the change.
+    pub async fn set_tier_role(
+        &self,
+        user_id: Uuid,
+        change: TierRoleChange,
+    ) -> Result<User, SessionError> {
+        self.request(user_id, |reply| {
+            UserSessionMessage::SetTierRole(change.clone(), reply)
         })
         .await
     }

@@ -21,7 +21,9 @@ use uuid::Uuid;
 use super::context::{self, count_tokens};
 use super::events::ThreadEvents;
 use super::turn::{LegResult, Turn, TurnArgs, TurnLeg, TurnTimeouts};
-use super::{NewThread, ProfilePatch, SendMessage, SessionError, ThreadPatch, TurnStarted};
+use super::{
+    NewThread, ProfilePatch, SendMessage, SessionError, ThreadPatch, TierRoleChange, TurnStarted,
+};
 use crate::provider::catalogue::{Catalogue, Model};
 use crate::provider::{ChatMessage, ChatRequest, ChatRole, KeyOpener};
 use crate::store::{
@@ -78,6 +80,8 @@ pub enum UserSessionMessage {
     ),
     DeleteThread(Uuid, RpcReplyPort<Result<(), SessionError>>),
     UpdateProfile(ProfilePatch, RpcReplyPort<Result<User, SessionError>>),
+    /// An admin's or the billing webhook's change of tier and/or role.
+    SetTierRole(TierRoleChange, RpcReplyPort<Result<User, SessionError>>),
     /// A key (hashed by the edge) and the most keys the user may hold.
     CreateApiKey(ApiKey, usize, RpcReplyPort<Result<ApiKey, SessionError>>),
     DeleteApiKey(Uuid, RpcReplyPort<Result<(), SessionError>>),
@@ -238,6 +242,9 @@ impl Actor for UserSession {
             UserSessionMessage::UpdateProfile(patch, reply) => {
                 let _ = reply.send(update_profile(state, patch).await);
             }
+            UserSessionMessage::SetTierRole(change, reply) => {
+                let _ = reply.send(set_tier_role(state, change).await);
+            }
             UserSessionMessage::CreateApiKey(key, max_keys, reply) => {
                 let _ = reply.send(create_api_key(state, key, max_keys).await);
             }
@@ -300,6 +307,7 @@ impl Actor for UserSession {
                 thread_id,
                 results,
             } => {
+                crate::metrics::metrics().turn_finished(results.iter().map(|r| r.message.status));
                 turn_finished(&myself, state, turn_id, thread_id, results).await;
             }
             UserSessionMessage::SummaryComputed(summary, reply) => {
@@ -432,6 +440,34 @@ async fn update_profile(
     if !state.store.update_user(&user).await? {
         return Err(SessionError::NotFound);
     }
+    Ok(user)
+}
+
+async fn set_tier_role(
+    state: &UserSessionState,
+    change: TierRoleChange,
+) -> Result<User, SessionError> {
+    let mut user = state
+        .store
+        .get_user(state.user_id)
+        .await?
+        .ok_or(SessionError::NotFound)?;
+    let tier_changed = change.tier.as_ref().is_some_and(|t| *t != user.tier);
+    let role_changed = change.role.is_some_and(|r| r != user.role);
+    if !tier_changed && !role_changed {
+        return Ok(user);
+    }
+    if let Some(tier) = change.tier {
+        user.tier = tier;
+    }
+    if let Some(role) = change.role {
+        user.role = role;
+    }
+    user.updated_at = Utc::now();
+    if !state.store.update_user(&user).await? {
+        return Err(SessionError::NotFound);
+    }
+    tracing::info!(user_id = %user.id, tier = %user.tier, role = user.role.as_str(), "tier/role changed");
     Ok(user)
 }
 

@@ -24,9 +24,9 @@ use chrono::{DateTime, Duration, Utc};
 use uuid::{NoContext, Timestamp, Uuid};
 
 use super::{
-    ApiKey, Message, MessageQuery, MessageRole, MessageStatus, Order, ProviderKey, RefreshToken,
-    Role, Share, SpendOutcome, Store, StoreError, Summary, Thread, ThreadCursor, ThreadQuery,
-    Usage, User, UserSettings,
+    ApiKey, BillingEvent, Message, MessageQuery, MessageRole, MessageStatus, Order, ProviderKey,
+    RefreshToken, Role, Share, SpendOutcome, Store, StoreError, Summary, Thread, ThreadCursor,
+    ThreadQuery, Usage, User, UserSettings,
 };
 
 /// Generates one `#[tokio::test]` per contract case, each on a store from `$factory`, an async
@@ -72,6 +72,9 @@ macro_rules! store_contract_tests {
             orphaned_streaming_messages_are_settled,
             delete_thread_cascades,
             timestamps_round_trip_at_microseconds,
+            billing_event_is_recorded_once,
+            concurrent_billing_event_inserts_have_one_winner,
+            billing_event_can_be_forgotten,
         );
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {
@@ -1714,4 +1717,83 @@ pub async fn timestamps_round_trip_at_microseconds(store: Arc<dyn Store>) {
         store.append_message(&m).await.unwrap();
         assert_eq!(store.get_message(u.id, th.id, m.id).await.unwrap(), Some(m));
     }
+}
+
+pub fn billing_event(event_id: &str, user_id: Uuid, event_type: &str) -> BillingEvent {
+    BillingEvent {
+        event_id: event_id.to_owned(),
+        user_id,
+        event_type: event_type.to_owned(),
+        received_at: at(5),
+    }
+}
+
+pub async fn billing_event_is_recorded_once(store: Arc<dyn Store>) {
+    let user_id = Uuid::now_v7();
+    let first = billing_event("evt_1", user_id, "subscription.activated");
+    assert_eq!(store.get_billing_event("evt_1").await.unwrap(), None);
+    assert!(store.insert_billing_event(&first).await.unwrap());
+    assert_eq!(
+        store.get_billing_event("evt_1").await.unwrap(),
+        Some(first.clone())
+    );
+
+    // The same id again, even with other contents, is refused and changes nothing.
+    let mut replay = billing_event("evt_1", Uuid::now_v7(), "subscription.revoked");
+    replay.received_at = at(9);
+    assert!(!store.insert_billing_event(&replay).await.unwrap());
+    assert_eq!(store.get_billing_event("evt_1").await.unwrap(), Some(first));
+
+    // Ids are exact: another id (or another case) is another event.
+    assert!(
+        store
+            .insert_billing_event(&billing_event("EVT_1", user_id, "subscription.revoked"))
+            .await
+            .unwrap()
+    );
+}
+
+pub async fn concurrent_billing_event_inserts_have_one_winner(store: Arc<dyn Store>) {
+    const RACERS: usize = 8;
+    let user_id = Uuid::now_v7();
+    let barrier = Arc::new(tokio::sync::Barrier::new(RACERS));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..RACERS {
+        let (store, barrier) = (Arc::clone(&store), Arc::clone(&barrier));
+        tasks.spawn(async move {
+            barrier.wait().await;
+            let event = billing_event("evt_race", user_id, "subscription.activated");
+            store.insert_billing_event(&event).await.unwrap()
+        });
+    }
+    let outcomes = tasks.join_all().await;
+    assert_eq!(
+        outcomes.iter().filter(|won| **won).count(),
+        1,
+        "{outcomes:?}"
+    );
+}
+
+pub async fn billing_event_can_be_forgotten(store: Arc<dyn Store>) {
+    let user_id = Uuid::now_v7();
+    let event = billing_event("evt_forget", user_id, "subscription.activated");
+    assert!(!store.delete_billing_event("evt_forget").await.unwrap());
+    assert!(store.insert_billing_event(&event).await.unwrap());
+    assert!(
+        store
+            .insert_billing_event(&billing_event("evt_other", user_id, "subscription.revoked"))
+            .await
+            .unwrap()
+    );
+    assert!(store.delete_billing_event("evt_forget").await.unwrap());
+    assert_eq!(store.get_billing_event("evt_forget").await.unwrap(), None);
+    assert!(
+        store
+            .get_billing_event("evt_other")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    // Forgotten, it can be recorded again.
+    assert!(store.insert_billing_event(&event).await.unwrap());
 }

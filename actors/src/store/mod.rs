@@ -231,6 +231,18 @@ pub struct ProviderKey {
     pub updated_at: DateTime<Utc>,
 }
 
+/// `billing_events` (partition `event_id`): billing webhook events already received, so a
+/// redelivered event is acknowledged without being applied twice.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BillingEvent {
+    /// The sender's event id (`evt_…`), unique per event.
+    pub event_id: String,
+    pub user_id: Uuid,
+    /// The event type as sent, e.g. `subscription.activated`.
+    pub event_type: String,
+    pub received_at: DateTime<Utc>,
+}
+
 /// Position after the last thread of a page: `(updated_at, id)` of that thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ThreadCursor {
@@ -402,4 +414,13 @@ pub trait Store: Send + Sync + 'static {
     async fn list_provider_keys(&self, user_id: Uuid) -> StoreResult<Vec<ProviderKey>>;
     /// False when the user had no key for that provider.
     async fn delete_provider_key(&self, user_id: Uuid, provider: &str) -> StoreResult<bool>;
+
+    // billing_events
+    /// Records an event id atomically: true when newly recorded, false when that id was already
+    /// there (the stored row is left unchanged). Of concurrent inserts of one id, one wins.
+    async fn insert_billing_event(&self, event: &BillingEvent) -> StoreResult<bool>;
+    async fn get_billing_event(&self, event_id: &str) -> StoreResult<Option<BillingEvent>>;
+    /// Forgets an event (its application failed, so a redelivery must apply it). False when
+    /// absent.
+    async fn delete_billing_event(&self, event_id: &str) -> StoreResult<bool>;
 }

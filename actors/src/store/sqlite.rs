@@ -50,9 +50,9 @@ use uuid::Uuid;
 pub use migrations::{AppliedMigration, MigrationReport, SCHEMA_VERSION};
 
 use super::{
-    ApiKey, Message, MessageQuery, MessageRole, MessageStatus, ModelStats, Order, Page,
-    ProviderKey, RefreshToken, Role, Share, SpendOutcome, Store, StoreError, StoreResult, Summary,
-    Thread, ThreadCursor, ThreadQuery, Usage, User,
+    ApiKey, BillingEvent, Message, MessageQuery, MessageRole, MessageStatus, ModelStats, Order,
+    Page, ProviderKey, RefreshToken, Role, Share, SpendOutcome, Store, StoreError, StoreResult,
+    Summary, Thread, ThreadCursor, ThreadQuery, Usage, User,
 };
 
 /// Reader connections per store: enough for a node's concurrent lists without holding many
@@ -1306,6 +1306,58 @@ impl Store for SqliteStore {
             let deleted = conn
                 .prepare_cached("DELETE FROM provider_keys WHERE user_id = ?1 AND provider = ?2")?
                 .execute(params![id(user_id), provider])?;
+            Ok(deleted > 0)
+        })
+        .await
+    }
+
+    // ---- billing events ----
+
+    async fn insert_billing_event(&self, event: &BillingEvent) -> StoreResult<bool> {
+        let e = event.clone();
+        self.write("insert_billing_event", move |conn| {
+            let inserted = conn
+                .prepare_cached(
+                    "INSERT INTO billing_events (event_id, user_id, type, received_at) \
+                     VALUES (?1, ?2, ?3, ?4) ON CONFLICT (event_id) DO NOTHING",
+                )?
+                .execute(params![
+                    e.event_id,
+                    id(e.user_id),
+                    e.event_type,
+                    micros(e.received_at)
+                ])?;
+            Ok(inserted > 0)
+        })
+        .await
+    }
+
+    async fn get_billing_event(&self, event_id: &str) -> StoreResult<Option<BillingEvent>> {
+        let event_id = event_id.to_owned();
+        self.read("get_billing_event", move |conn| {
+            conn.prepare_cached(
+                "SELECT event_id, user_id, type, received_at FROM billing_events \
+                 WHERE event_id = ?1",
+            )?
+            .query_row([event_id], |row| {
+                Ok(BillingEvent {
+                    event_id: row.get(0)?,
+                    user_id: uuid_col(row, 1)?,
+                    event_type: row.get(2)?,
+                    received_at: time_col(row, 3)?,
+                })
+            })
+            .optional()
+        })
+        .await
+    }
+
+    async fn delete_billing_event(&self, event_id: &str) -> StoreResult<bool> {
+        let event_id = event_id.to_owned();
+        self.write("delete_billing_event", move |conn| {
+            let deleted = conn
+                .prepare_cached("DELETE FROM billing_events WHERE event_id = ?1")?
+                .execute([event_id])?;
             Ok(deleted > 0)
         })
         .await

@@ -148,6 +148,18 @@ CREATE INDEX messages_streaming ON messages (created_at) WHERE status = 'streami
     },
     Migration {
         version: 4,
+        name: "billing events seen by the webhook",
+        sql: r#"
+CREATE TABLE billing_events (
+    event_id    TEXT    NOT NULL PRIMARY KEY,
+    user_id     TEXT    NOT NULL,
+    type        TEXT    NOT NULL,
+    received_at INTEGER NOT NULL
+) STRICT;
+"#,
+    },
+    Migration {
+        version: 5,
         name: "the deployment that served an assistant message",
         sql: r#"
 ALTER TABLE messages ADD COLUMN deployment TEXT;
@@ -156,7 +168,7 @@ ALTER TABLE messages ADD COLUMN deployment TEXT;
 ];
 
 /// The newest schema version this binary knows.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// What a migration run did (see [`SqliteStore::migrate`](super::SqliteStore::migrate)).
 #[derive(Debug, Clone, PartialEq, Eq)]
