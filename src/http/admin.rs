@@ -97,3 +97,18 @@ pub async fn patch_user(ctx: Ctx, id: String, body: Body) -> Result<Response, Ap
         &json!({ "user": UserView::from(&user) }),
     ))
 }
+
+/// `GET /api/v1/admin/providers` → `{providers: [{provider, deployments: [...]}], buckets}`:
+/// each deployment's health, breaker, in-flight calls, latency and rate bucket levels.
+pub async fn providers(ctx: Ctx) -> Result<Response, ApiError> {
+    require_admin(&ctx).await?;
+    let pools = ctx.state.catalogue.pools();
+    let snapshot = pools.snapshot().await;
+    let buckets = pools
+        .buckets()
+        .map(|b| json!({ "backend": b.backend(), "health": b.health() }));
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "providers": snapshot, "buckets": buckets }),
+    ))
+}

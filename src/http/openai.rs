@@ -4,9 +4,12 @@
 //! Requests follow OpenAI's shapes (unknown fields are ignored, as OpenAI's own SDKs send
 //! fields a gateway need not use); errors use OpenAI's envelope `{"error": {message, type,
 //! param, code}}`. Callers authenticate with an API key (`ck-…`) or an access JWT. No thread is
-//! stored: the model is called directly through the catalogue's provider.
+//! stored; calls are routed through the provider pools like turns (selection, retries,
+//! failover before output, breakers).
 
 use chorus_actors::provider::catalogue::Model;
+use chorus_actors::provider::pool::Lease;
+use chorus_actors::provider::routing::{self, RouteOptions};
 use chorus_actors::provider::{
     ChatMessage, ChatRequest, ChatRole, Chunk, FinishReason, TokenUsage,
 };
@@ -179,6 +182,21 @@ fn finish_str(reason: &FinishReason) -> &str {
     }
 }
 
+/// Routing for a `/v1` call: the pools pick the deployment, with the same retries and failover
+/// before output as turns (there is no thread, so no affinity).
+fn route_options(ctx: &Ctx, chat: &ChatRequest) -> RouteOptions {
+    let prompt: usize = chat.messages.iter().map(|m| m.content.len()).sum::<usize>()
+        + chat.system.as_ref().map_or(0, String::len);
+    RouteOptions {
+        affinity: None,
+        // About four bytes per token: a reservation, settled with the real count.
+        estimated_tokens: (prompt / 4) as u64 + u64::from(chat.max_tokens.unwrap_or(0)),
+        first_token_timeout: ctx.state.config.sessions.turn_timeouts.first_token,
+        own_keys: Default::default(),
+        exclude: Vec::new(),
+    }
+}
+
 pub async fn chat_completions(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
     authenticate(&ctx).await?;
     let request: CompletionRequest = ctx.json(body).await?;
@@ -225,11 +243,16 @@ pub async fn chat_completions(ctx: Ctx, body: Body) -> Result<Response, ApiError
     let model_id = model.spec.id.clone();
 
     if !request.stream {
-        let done = model
-            .provider
-            .complete(chat)
-            .await
-            .map_err(|e| super::messages::provider_error(&e))?;
+        let routed = routing::complete(
+            &ctx.state.catalogue,
+            &model,
+            &chat,
+            &route_options(&ctx, &chat),
+            &mut |_| {},
+        )
+        .await
+        .map_err(|e| super::messages::provider_error(&e))?;
+        let done = routed.value;
         let usage = done.usage.unwrap_or_default();
         return Ok(json_response(
             StatusCode::OK,
@@ -253,13 +276,19 @@ pub async fn chat_completions(ctx: Ctx, body: Body) -> Result<Response, ApiError
     }
 
     let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
-    let upstream = model
-        .provider
-        .stream(chat)
-        .await
-        .map_err(|e| super::messages::provider_error(&e))?;
+    let routed = routing::open_stream(
+        &ctx.state.catalogue,
+        &model,
+        &chat,
+        &route_options(&ctx, &chat),
+        &mut |_| {},
+    )
+    .await
+    .map_err(|e| super::messages::provider_error(&e))?;
     let state = CompletionStream {
-        upstream,
+        upstream: routed.value,
+        lease: routed.lease,
+        opened: std::time::Instant::now(),
         id,
         created,
         model: model_id,
@@ -290,6 +319,10 @@ enum Phase {
 /// (`stream_options.include_usage`, with `choices: []` as OpenAI sends it), then `[DONE]`.
 struct CompletionStream {
     upstream: chorus_actors::provider::ChunkStream,
+    /// The deployment serving the stream; told how it ended (a client hanging up tells it
+    /// nothing, which leaves the deployment's record alone).
+    lease: Lease,
+    opened: std::time::Instant,
     id: String,
     created: i64,
     model: String,
@@ -335,6 +368,7 @@ impl CompletionStream {
                     Some(Ok(Chunk::ToolCall(_))) => {}
                     Some(Err(error)) => {
                         // OpenAI reports a failure inside a started stream as an error object.
+                        self.lease.failed(&error);
                         self.phase = Phase::Done;
                         return Some(
                             json!({
@@ -347,7 +381,10 @@ impl CompletionStream {
                             .to_string(),
                         );
                     }
-                    None => self.phase = Phase::Usage,
+                    None => {
+                        self.lease.succeeded(self.opened.elapsed());
+                        self.phase = Phase::Usage;
+                    }
                 },
                 Phase::Usage => {
                     self.phase = Phase::Done;

@@ -27,6 +27,7 @@ use rand::Rng;
 use serde::Serialize;
 
 use super::{Provider, ProviderError};
+use crate::metrics::metrics;
 use crate::quota::{BucketSpec, TokenBuckets};
 
 /// Retries, failover and breaker settings (`[routing]` in chorus.toml).
@@ -458,7 +459,15 @@ impl Lease {
             let latency = self.started.elapsed();
             self.deployment
                 .record(&self.policy, latency, Some(error), self.probe);
+            self.count(error.class());
         }
+    }
+
+    fn count(&self, outcome: &str) {
+        let config = &self.deployment.config;
+        metrics()
+            .provider_calls_total
+            .inc([&config.provider_id, &config.id, outcome]);
     }
 
     /// Settles the tokens-per-minute reservation with what the call really used.
@@ -551,6 +560,11 @@ impl Pools {
                 continue;
             }
             deployment.in_flight.fetch_add(1, Ordering::Relaxed);
+            metrics().provider_selections_total.inc([
+                &deployment.config.provider_id,
+                &deployment.config.id,
+                reason.as_str(),
+            ]);
             if probe {
                 deployment.live().probes_in_flight += 1;
             }
@@ -645,9 +659,9 @@ impl Pools {
                     .map(|t| t.saturating_duration_since(now))
                     .max();
                 let breaker = match live.breaker {
-                    BreakerState::Open => live
-                        .opened_at
-                        .map(|at| (at + self.policy.breaker.cooldown).saturating_duration_since(now)),
+                    BreakerState::Open => live.opened_at.map(|at| {
+                        (at + self.policy.breaker.cooldown).saturating_duration_since(now)
+                    }),
                     _ => None,
                 };
                 match (limited, breaker) {

@@ -25,6 +25,7 @@ use futures_util::StreamExt;
 use super::catalogue::{Catalogue, Model};
 use super::pool::{Lease, SelectRequest};
 use super::{ChatRequest, Chunk, ChunkStream, Completion, Provider, ProviderError};
+use crate::metrics::metrics;
 
 /// Longest wait for a deployment's cool-down (a 429's Retry-After, an empty bucket) before
 /// the call is failed over or refused instead.
@@ -193,14 +194,24 @@ where
                             let message = format!(
                                 "every deployment of {} is {} for {:.1}s",
                                 current.spec.id,
-                                if rate_limited { "rate limited" } else { "failing (breaker open)" },
+                                if rate_limited {
+                                    "rate limited"
+                                } else {
+                                    "failing (breaker open)"
+                                },
                                 wait.as_secs_f64()
                             );
                             let wait = Some(wait.max(Duration::from_secs(1)));
                             last_error = Some(if rate_limited {
-                                ProviderError::RateLimited { retry_after: wait, message }
+                                ProviderError::RateLimited {
+                                    retry_after: wait,
+                                    message,
+                                }
                             } else {
-                                ProviderError::Overloaded { retry_after: wait, message }
+                                ProviderError::Overloaded {
+                                    retry_after: wait,
+                                    message,
+                                }
                             });
                         }
                         _ => {}
@@ -276,6 +287,7 @@ where
                     last_deployment.clone_from(&deployment.config.id);
                     round_failed.push(deployment.config.id.clone());
                     if tries < policy.max_attempts {
+                        metrics_failover(&current.spec.id, &current.spec.id, last_error.as_ref());
                         on_failover(Failover {
                             from_model: current.spec.id.clone(),
                             to_model: None,
@@ -337,8 +349,14 @@ where
     }))
 }
 
-/// Hook for failover metrics (wired to the Prometheus registry).
-fn metrics_failover(_from: &str, _to: &str, _error: Option<&ProviderError>) {}
+/// Counts a move to another model (`to` = `from` for another deployment of the same model).
+fn metrics_failover(from: &str, to: &str, error: Option<&ProviderError>) {
+    metrics().provider_failovers_total.inc([
+        from,
+        to,
+        error.map_or("unavailable", ProviderError::class),
+    ]);
+}
 
 /// Starts a stream and waits for its first output, buffering what came before it (usage,
 /// a role preamble). An error or an early end before output fails the attempt.

@@ -3,7 +3,8 @@
 //! Calls read and update deployment state directly under short locks (see the parent module), so
 //! the actor is off the hot path. It exists for what has no caller: every second it moves open
 //! breakers whose cool-down has passed to half-open, so the admin view and the gauges are
-//! current when no traffic arrives, and it logs each change of a deployment's state.
+//! current when no traffic arrives, exports the breaker and in-flight gauges, and logs each
+//! change of a deployment's state.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorMessage;
 
 use super::{BreakerPolicy, BreakerState, PoolState};
+use crate::metrics::metrics;
 
 /// How often breakers and gauges are refreshed without traffic.
 const TICK: Duration = Duration::from_secs(1);
@@ -63,6 +65,13 @@ impl Actor for ProviderPool {
             ProviderPoolMessage::Tick => {
                 for deployment in &state.pool.deployments {
                     let snap = deployment.snapshot(&state.breaker);
+                    let labels = [state.pool.provider_id.as_str(), snap.id.as_str()];
+                    metrics()
+                        .provider_breaker_state
+                        .set(labels, snap.breaker.gauge());
+                    metrics()
+                        .provider_inflight
+                        .set(labels, i64::from(snap.in_flight));
                     let now = (snap.breaker, snap.healthy);
                     let before = state.last.insert(snap.id.clone(), now);
                     if before.is_some_and(|b| b != now) {
