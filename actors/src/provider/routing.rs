@@ -264,6 +264,9 @@ where
                 }
                 Err(error) => {
                     lease.failed(&error);
+                    // Refused before output: the provider bills nothing, the bucket gets its
+                    // reservation back.
+                    lease.settle_tokens(0).await;
                     tracing::warn!(
                         model = %current.spec.id,
                         deployment = %deployment.config.id,
