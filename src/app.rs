@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use anyhow::Context as _;
 use chorus_actors::Node;
-use chorus_actors::quota::{KeyedLimiter, LimitSpec};
+use chorus_actors::quota::{KeyedLimiter, LimitSpec, RedisSettings, TokenBuckets, buckets_for};
 use chorus_actors::session::Sessions;
 use chorus_actors::store::{MessageStatus, SqliteStore, Store};
 use chorus_cluster::{NodeId, Placement};
@@ -40,6 +40,9 @@ pub struct AppState {
     /// Verified API keys, so `/v1` requests make no store call.
     pub api_keys: ApiKeyCache,
     pub limiters: Limiters,
+    /// Buckets every node shares (Redis when `[redis] url` is set, else in-process): for limits
+    /// that are not per user, such as per-deployment provider RPM/TPM.
+    pub shared_buckets: Arc<dyn TokenBuckets>,
     pub metrics: Arc<EdgeMetrics>,
     /// Set when shutdown begins, so `/readyz` turns 503 while in-flight requests drain.
     pub shutting_down: AtomicBool,
@@ -173,6 +176,13 @@ impl Application {
                 config.limits.login_failures_per_account_per_minute,
             )),
         };
+        let shared_buckets = buckets_for(config.redis.url.as_ref().map(|url| RedisSettings {
+            url: url.expose().to_owned(),
+            key_prefix: config.redis.key_prefix.clone(),
+            response_timeout: config.redis.response_timeout,
+            fallback_share: config.redis.fallback_share,
+        }))
+        .await;
         let node_name = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
         let state = Arc::new(AppState {
             sessions: node.sessions.clone(),
@@ -184,6 +194,7 @@ impl Application {
             catalogue,
             api_keys: ApiKeyCache::default(),
             limiters,
+            shared_buckets,
             metrics: Arc::new(EdgeMetrics::default()),
             shutting_down: AtomicBool::new(false),
         });

@@ -497,6 +497,8 @@ impl Config {
                     first_token: Duration::from_secs(raw.turns.first_token_timeout_secs),
                     between_chunks: Duration::from_secs(raw.turns.between_chunks_timeout_secs),
                 },
+                tiers: std::sync::Arc::new(tiers.clone()),
+                ..Default::default()
             },
             catalogue,
             tiers,

@@ -16,6 +16,7 @@ mod limits;
 mod messages;
 mod openai_compat;
 mod providers;
+mod quota;
 mod threads;
 mod validation;
 mod ws;

@@ -61,8 +61,10 @@ async fn setup_with(env: &[(&str, &str)]) -> Setup {
         .iter()
         .map(|(id, provider, up)| TestModel::new(id, provider, up))
         .collect();
+    // Dozens of messages in a few seconds: well past the default tier's per-minute limits.
     let mut builder = TestApp::builder()
         .models_toml(&catalogue_toml(&models))
+        .tiers_toml(crate::helpers::ROOMY_TIERS)
         .upstream(&upstream);
     for (key, value) in env {
         builder = builder.env(key, value);
