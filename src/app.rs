@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chorus_actors::Node;
-use chorus_actors::quota::{KeyedLimiter, LimitSpec};
+use chorus_actors::quota::{KeyedLimiter, LimitSpec, RedisSettings, TokenBuckets, buckets_for};
 use chorus_actors::session::Sessions;
 use chorus_actors::store::{MessageStatus, SqliteStore, Store};
 use chorus_cluster::{NodeId, Placement};
@@ -42,6 +42,9 @@ pub struct AppState {
     /// Verified API keys, so `/v1` requests make no store call.
     pub api_keys: ApiKeyCache,
     pub limiters: Limiters,
+    /// Buckets every node shares (Redis when `[redis] url` is set, else in-process): for limits
+    /// that are not per user, such as per-deployment provider RPM/TPM.
+    pub shared_buckets: Arc<dyn TokenBuckets>,
     pub metrics: Arc<EdgeMetrics>,
     /// Set when shutdown begins, so `/readyz` turns 503 while in-flight requests drain.
     pub shutting_down: AtomicBool,
@@ -172,13 +175,22 @@ impl Application {
                 "settled messages left streaming by a previous run as interrupted"
             );
         }
+        // Per-deployment limits are shared by every node through Redis when it is configured,
+        // else kept in this process (ARCHITECTURE.md, Quotas).
+        let shared_buckets = buckets_for(config.redis.url.as_ref().map(|url| RedisSettings {
+            url: url.expose().to_owned(),
+            key_prefix: config.redis.key_prefix.clone(),
+            response_timeout: config.redis.response_timeout,
+            fallback_share: config.redis.fallback_share,
+        }))
+        .await;
         // Providers are enabled by their keys in the environment (ARCHITECTURE.md, Configuration).
         let catalogue = Arc::new(
             Catalogue::build_with(
                 &config.catalogue,
                 &|name| std::env::var(name).ok(),
                 routing_policy(&config.routing),
-                None,
+                Some(shared_buckets.clone()),
             )
             .context("building the model catalogue")?,
         );
@@ -212,6 +224,7 @@ impl Application {
             catalogue,
             api_keys: ApiKeyCache::default(),
             limiters,
+            shared_buckets,
             metrics: Arc::new(EdgeMetrics::default()),
             shutting_down: AtomicBool::new(false),
         });

@@ -235,7 +235,7 @@ async fn user_create(
             .map(|d| d.trim().to_owned())
             .filter(|d| !d.is_empty()),
         password_hash: password::hash_password(password_text).await?,
-        tier: "free".into(),
+        tier: config.tiers.default_tier().to_owned(),
         role: if admin { Role::Admin } else { Role::User },
         settings: UserSettings::default(),
         created_at: now,

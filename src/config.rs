@@ -551,6 +551,8 @@ impl Config {
                 },
                 // Set by the application, which holds the master key.
                 key_opener: None,
+                tiers: std::sync::Arc::new(tiers.clone()),
+                ..Default::default()
             },
             catalogue,
             tiers,

@@ -64,7 +64,7 @@ pub async fn register(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
         email,
         display_name,
         password_hash,
-        tier: "free".into(),
+        tier: ctx.state.config.tiers.default_tier().to_owned(),
         role: Role::User,
         settings: UserSettings::default(),
         created_at: now,

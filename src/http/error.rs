@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use chorus_actors::quota::Decision;
+use chorus_actors::quota::Admission;
 use chorus_actors::session::SessionError;
 use chorus_actors::store::StoreError;
 use serde_json::{Value, json};
@@ -25,6 +25,7 @@ pub enum ErrorCode {
     PayloadTooLarge,
     UnsupportedMediaType,
     RateLimited,
+    QuotaExceeded,
     ProviderError,
     Unavailable,
     Internal,
@@ -41,6 +42,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
             ErrorCode::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
             ErrorCode::RateLimited => "RATE_LIMITED",
+            ErrorCode::QuotaExceeded => "QUOTA_EXCEEDED",
             ErrorCode::ProviderError => "PROVIDER_ERROR",
             ErrorCode::Unavailable => "UNAVAILABLE",
             ErrorCode::Internal => "INTERNAL",
@@ -56,7 +58,7 @@ impl ErrorCode {
             ErrorCode::Conflict => StatusCode::CONFLICT,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited | ErrorCode::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::ProviderError => StatusCode::BAD_GATEWAY,
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -70,7 +72,7 @@ pub struct ApiError {
     pub message: String,
     pub details: Option<Value>,
     /// Set for 429s: becomes `Retry-After` and the `X-RateLimit-*` headers.
-    pub rate_limit: Option<Decision>,
+    pub rate_limit: Option<Admission>,
 }
 
 impl ApiError {
@@ -107,9 +109,9 @@ impl ApiError {
         Self::new(ErrorCode::NotFound, format!("{what} not found"))
     }
 
-    pub fn rate_limited(decision: Decision, message: impl Into<String>) -> Self {
+    pub fn rate_limited(decision: impl Into<Admission>, message: impl Into<String>) -> Self {
         ApiError {
-            rate_limit: Some(decision),
+            rate_limit: Some(decision.into()),
             ..Self::new(ErrorCode::RateLimited, message)
         }
     }
@@ -140,10 +142,10 @@ impl ApiError {
         }
         if let Some(decision) = self.rate_limit {
             set_rate_limit_headers(&mut response, &decision);
-            let retry = decision.retry_after.as_secs_f64().ceil().max(1.0) as u64;
-            response
-                .headers_mut()
-                .insert("retry-after", HeaderValue::from(retry));
+            response.headers_mut().insert(
+                "retry-after",
+                HeaderValue::from(retry_secs(decision.retry_after)),
+            );
         }
         response
     }
@@ -152,7 +154,8 @@ impl ApiError {
 use warp::Reply as _;
 
 /// `X-RateLimit-Limit/Remaining/Reset` (reset in seconds until the bucket is full).
-pub fn set_rate_limit_headers(response: &mut Response, decision: &Decision) {
+pub fn set_rate_limit_headers(response: &mut Response, decision: &(impl Into<Admission> + Copy)) {
+    let decision: Admission = (*decision).into();
     let headers = response.headers_mut();
     headers.insert("x-ratelimit-limit", HeaderValue::from(decision.limit));
     headers.insert(
@@ -163,6 +166,11 @@ pub fn set_rate_limit_headers(response: &mut Response, decision: &Decision) {
         "x-ratelimit-reset",
         HeaderValue::from(ceil_secs(decision.reset_after)),
     );
+}
+
+/// `Retry-After` in whole seconds, at least 1.
+pub fn retry_secs(d: Duration) -> u64 {
+    d.as_secs_f64().ceil().max(1.0) as u64
 }
 
 fn ceil_secs(d: Duration) -> u64 {
@@ -219,6 +227,64 @@ impl From<SessionError> for ApiError {
             SessionError::Conflict(what) => ApiError::new(ErrorCode::Conflict, what),
             SessionError::Invalid(what) => ApiError::validation(what),
             SessionError::Provider(e) => crate::http::messages::provider_error(&e),
+            SessionError::Forbidden(why) => ApiError::new(ErrorCode::Forbidden, why),
+            SessionError::RateLimited {
+                what,
+                limit,
+                remaining,
+                retry_after,
+                reset_after,
+            } => {
+                let admission = Admission {
+                    allowed: false,
+                    limit,
+                    remaining,
+                    retry_after,
+                    reset_after,
+                };
+                ApiError::rate_limited(
+                    admission,
+                    format!("rate limit of your plan reached ({limit} {what}); retry later"),
+                )
+                .with_details(json!({
+                    "what": what,
+                    "limit": limit,
+                    "remaining": remaining,
+                    "retry_after": retry_secs(retry_after),
+                }))
+            }
+            SessionError::QuotaExceeded {
+                what,
+                limit,
+                used,
+                resets_at,
+            } => {
+                let until_reset = (resets_at - chrono::Utc::now())
+                    .to_std()
+                    .unwrap_or(Duration::ZERO);
+                ApiError {
+                    rate_limit: Some(Admission {
+                        allowed: false,
+                        limit,
+                        remaining: 0,
+                        retry_after: until_reset,
+                        reset_after: until_reset,
+                    }),
+                    ..ApiError::new(
+                        ErrorCode::QuotaExceeded,
+                        format!(
+                            "monthly {what} quota of your plan used up ({used} of {limit}); it resets at {}",
+                            resets_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                        ),
+                    )
+                }
+                .with_details(json!({
+                    "what": what,
+                    "limit": limit,
+                    "used": used,
+                    "resets_at": resets_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                }))
+            }
             unavailable @ SessionError::Unavailable(_) => {
                 tracing::warn!(error = %unavailable, "user session unavailable");
                 ApiError::new(

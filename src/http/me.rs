@@ -2,7 +2,7 @@
 
 use chorus_actors::session::ProfilePatch;
 use chorus_actors::store::ApiKey;
-use chrono::{Datelike, Utc};
+use chrono::Utc;
 use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
@@ -102,15 +102,19 @@ pub async fn patch_me(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
     ))
 }
 
-/// The calendar month in UTC, e.g. `2026-11`: the period of monthly counters.
-pub fn current_period() -> String {
-    let now = Utc::now();
-    format!("{:04}-{:02}", now.year(), now.month())
-}
-
+/// `GET /api/v1/me/usage`: the tier's limits (`null` = unlimited) and this month's counters.
 pub async fn get_usage(ctx: Ctx) -> Result<Response, ApiError> {
     let principal = ctx.authenticate()?;
-    let period = current_period();
+    let now = Utc::now();
+    let period = chorus_actors::quota::period_of(now);
+    // The stored tier, not the token's: an upgrade shows at once.
+    let user = ctx
+        .state
+        .store
+        .get_user(principal.user_id)
+        .await?
+        .ok_or_else(|| ApiError::unauthenticated("account no longer exists"))?;
+    let (tier_id, tier) = ctx.state.config.tiers.get(&user.tier);
     let used = ctx
         .state
         .store
@@ -118,21 +122,36 @@ pub async fn get_usage(ctx: Ctx) -> Result<Response, ApiError> {
         .await?;
     // Cost is counted in micro-dollars so the counter stays an exact integer.
     let cost_usd = used.get("cost_micro_usd").copied().unwrap_or(0) as f64 / 1_000_000.0;
-    let counters: serde_json::Map<String, serde_json::Value> = used
-        .into_iter()
-        .filter(|(kind, _)| kind != "cost_micro_usd")
-        .map(|(kind, value)| (kind, json!(value)))
-        .collect();
+    let mut limits = serde_json::Map::new();
+    let mut counters = serde_json::Map::new();
+    for (kind, limit) in tier.monthly.entries() {
+        limits.insert(kind.to_owned(), json!(limit));
+        counters.insert(kind.to_owned(), json!(used.get(kind).copied().unwrap_or(0)));
+    }
+    limits.insert(
+        "requests_per_minute".into(),
+        json!(tier.requests_per_minute),
+    );
+    limits.insert("tokens_per_minute".into(), json!(tier.tokens_per_minute));
+    limits.insert("files_per_request".into(), json!(tier.files_per_request));
+    limits.insert("upload_max_bytes".into(), json!(tier.upload_max_bytes));
+    // Any other counter the store keeps is reported too.
+    for (kind, value) in used {
+        if kind != "cost_micro_usd" && !counters.contains_key(&kind) {
+            counters.insert(kind, json!(value));
+        }
+    }
     Ok(json_response(
         StatusCode::OK,
         &json!({
             "period": period,
-            "tier": principal.claims.tier,
-            // Tier limits arrive with config/tiers.toml (the quota issue); until then no limit
-            // is enforced and none is reported.
-            "limits": {},
+            "tier": tier_id,
+            "tier_name": tier.name,
+            "limits": limits,
             "used": counters,
             "cost_usd": cost_usd,
+            "resets_at": chorus_actors::quota::next_period_start(now)
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         }),
     ))
 }

@@ -21,7 +21,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 
 use super::context::{Body, Ctx, json_response};
-use super::error::{ApiError, ErrorCode};
+use super::error::{ApiError, ErrorCode, set_rate_limit_headers};
 use super::validate;
 use super::views::MessageView;
 
@@ -99,6 +99,7 @@ pub async fn send(ctx: Ctx, thread: String, body: Body) -> Result<Response, ApiE
         .start_turn(principal.user_id, thread_id, send)
         .await
         .map_err(|e| ApiError::from_session(e, "thread"))?;
+    let rate_limit = started.rate_limit;
 
     // Peek at the first outcome before committing to a 200: a provider that fails before any
     // output gets a real status code (STYLE.md, habit 6).
@@ -116,7 +117,9 @@ pub async fn send(ctx: Ctx, thread: String, body: Body) -> Result<Response, ApiE
             .log
             .reader(started.from_seq - 1)
             .into_turn_stream(started.turn_id);
-        return Ok(sse_response(events, ctx.state.config.keep_alive));
+        let mut response = sse_response(events, ctx.state.config.keep_alive);
+        set_rate_limit_headers(&mut response, &rate_limit);
+        return Ok(response);
     }
 
     // Not streaming: wait for the turn to settle, then answer with the stored messages.
@@ -137,14 +140,16 @@ pub async fn send(ctx: Ctx, thread: String, body: Body) -> Result<Response, ApiE
         }
     }
     let views: Vec<MessageView> = assistant.iter().map(MessageView::from).collect();
-    Ok(json_response(
+    let mut response = json_response(
         StatusCode::OK,
         &json!({
             "turn_id": started.turn_id,
             "user_message": MessageView::from(&started.user_message),
             "assistant_messages": views,
         }),
-    ))
+    );
+    set_rate_limit_headers(&mut response, &rate_limit);
+    Ok(response)
 }
 
 /// Web search and documents arrive with later issues; until then asking for them is an error,

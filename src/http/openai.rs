@@ -22,12 +22,20 @@ use warp::Reply;
 use warp::http::{HeaderValue, StatusCode};
 use warp::reply::Response;
 
+use chorus_actors::session::{Reservation, Sessions};
+
 use super::context::{Body, Ctx, json_response};
-use super::error::{ApiError, ErrorCode};
+use super::error::{ApiError, ErrorCode, retry_secs, set_rate_limit_headers};
 use crate::auth::tokens::API_KEY_PREFIX;
 
 /// Turns a native error into OpenAI's error shape (same status code).
 pub fn openai_error(error: ApiError, request_id: &str) -> Response {
+    // The user's own plan limits answer as OpenAI's do; a provider's 429 stays an upstream
+    // `rate_limit_error`.
+    let plan_limit = error
+        .details
+        .as_ref()
+        .is_some_and(|d| d.get("what").is_some());
     let kind = match error.code {
         ErrorCode::Validation | ErrorCode::PayloadTooLarge | ErrorCode::UnsupportedMediaType => {
             "invalid_request_error"
@@ -35,9 +43,16 @@ pub fn openai_error(error: ApiError, request_id: &str) -> Response {
         ErrorCode::Unauthenticated => "authentication_error",
         ErrorCode::Forbidden => "permission_error",
         ErrorCode::NotFound => "not_found_error",
+        ErrorCode::RateLimited if plan_limit => "rate_limit_exceeded",
         ErrorCode::RateLimited => "rate_limit_error",
+        ErrorCode::QuotaExceeded => "insufficient_quota",
         ErrorCode::Conflict => "conflict_error",
         _ => "api_error",
+    };
+    let code = match error.code {
+        ErrorCode::RateLimited if plan_limit => "rate_limit_exceeded".to_owned(),
+        ErrorCode::QuotaExceeded => "insufficient_quota".to_owned(),
+        other => other.as_str().to_ascii_lowercase(),
     };
     let param = error
         .details
@@ -53,16 +68,19 @@ pub fn openai_error(error: ApiError, request_id: &str) -> Response {
                 "message": error.message,
                 "type": kind,
                 "param": param,
-                "code": error.code.as_str().to_ascii_lowercase(),
+                "code": code,
                 "request_id": request_id,
             }
         }),
     );
     if let Some(decision) = error.rate_limit {
-        let secs = decision.retry_after.as_secs_f64().ceil().max(1.0) as u64;
-        response
-            .headers_mut()
-            .insert("retry-after", HeaderValue::from(secs));
+        if plan_limit {
+            set_rate_limit_headers(&mut response, &decision);
+        }
+        response.headers_mut().insert(
+            "retry-after",
+            HeaderValue::from(retry_secs(decision.retry_after)),
+        );
     }
     response
 }
@@ -184,21 +202,22 @@ fn finish_str(reason: &FinishReason) -> &str {
 
 /// Routing for a `/v1` call: the pools pick the deployment, with the same retries and failover
 /// before output as turns (there is no thread, so no affinity).
-fn route_options(ctx: &Ctx, chat: &ChatRequest) -> RouteOptions {
-    let prompt: usize = chat.messages.iter().map(|m| m.content.len()).sum::<usize>()
-        + chat.system.as_ref().map_or(0, String::len);
+fn route_options(
+    ctx: &Ctx,
+    estimated_tokens: u64,
+    own_keys: std::collections::HashMap<String, String>,
+) -> RouteOptions {
     RouteOptions {
         affinity: None,
-        // About four bytes per token: a reservation, settled with the real count.
-        estimated_tokens: (prompt / 4) as u64 + u64::from(chat.max_tokens.unwrap_or(0)),
+        estimated_tokens,
         first_token_timeout: ctx.state.config.sessions.turn_timeouts.first_token,
-        own_keys: Default::default(),
+        own_keys,
         exclude: Vec::new(),
     }
 }
 
 pub async fn chat_completions(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
-    authenticate(&ctx).await?;
+    let user_id = authenticate(&ctx).await?;
     let request: CompletionRequest = ctx.json(body).await?;
     let model = chat_model(&ctx, &request.model, "chat")?;
     let mut system = Vec::new();
@@ -242,19 +261,51 @@ pub async fn chat_completions(ctx: Ctx, body: Body) -> Result<Response, ApiError
     let created = chrono::Utc::now().timestamp();
     let model_id = model.spec.id.clone();
 
+    // The same per-user limits as the native API, admitted by the user's session; the guard
+    // settles the reservation exactly once with what was used, also when the client hangs up.
+    let prompt_tokens: u64 = chat
+        .system
+        .iter()
+        .map(String::as_str)
+        .chain(chat.messages.iter().map(|m| m.content.as_str()))
+        .map(|text| chorus_actors::session::context::count_tokens(&model, text) as u64)
+        .sum();
+    let estimated_tokens = prompt_tokens + u64::from(max_tokens);
+    let mut reservation = ctx
+        .state
+        .sessions
+        .admit(user_id, &model_id, estimated_tokens)
+        .await?;
+    let rate_limit = reservation.admission;
+    let route = route_options(
+        &ctx,
+        estimated_tokens,
+        std::mem::take(&mut reservation.own_keys),
+    );
+    let mut usage_guard = UsageGuard {
+        sessions: ctx.state.sessions.clone(),
+        user_id,
+        reservation: Some(reservation),
+        model: model.clone(),
+        prompt_tokens,
+        reported: TokenUsage::default(),
+        text: String::new(),
+    };
+
     if !request.stream {
-        let routed = routing::complete(
-            &ctx.state.catalogue,
-            &model,
-            &chat,
-            &route_options(&ctx, &chat),
-            &mut |_| {},
-        )
-        .await
-        .map_err(|e| super::messages::provider_error(&e))?;
+        let routed = routing::complete(&ctx.state.catalogue, &model, &chat, &route, &mut |_| {})
+            .await
+            .map_err(|e| super::messages::provider_error(&e))?;
         let done = routed.value;
         let usage = done.usage.unwrap_or_default();
-        return Ok(json_response(
+        let mut lease = routed.lease;
+        lease
+            .settle_tokens(usage.input_tokens + usage.output_tokens)
+            .await;
+        usage_guard.record_usage(usage);
+        usage_guard.record_text(&done.text);
+        drop(usage_guard);
+        let mut response = json_response(
             StatusCode::OK,
             &json!({
                 "id": id,
@@ -272,19 +323,15 @@ pub async fn chat_completions(ctx: Ctx, body: Body) -> Result<Response, ApiError
                     "total_tokens": usage.input_tokens + usage.output_tokens,
                 },
             }),
-        ));
+        );
+        set_rate_limit_headers(&mut response, &rate_limit);
+        return Ok(response);
     }
 
     let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
-    let routed = routing::open_stream(
-        &ctx.state.catalogue,
-        &model,
-        &chat,
-        &route_options(&ctx, &chat),
-        &mut |_| {},
-    )
-    .await
-    .map_err(|e| super::messages::provider_error(&e))?;
+    let routed = routing::open_stream(&ctx.state.catalogue, &model, &chat, &route, &mut |_| {})
+        .await
+        .map_err(|e| super::messages::provider_error(&e))?;
     let state = CompletionStream {
         upstream: routed.value,
         lease: routed.lease,
@@ -295,6 +342,7 @@ pub async fn chat_completions(ctx: Ctx, body: Body) -> Result<Response, ApiError
         include_usage,
         usage: TokenUsage::default(),
         phase: Phase::Start,
+        usage_guard,
     };
     let frames = futures_util::stream::unfold(state, |mut state| async move {
         let frame = state.next_frame().await?;
@@ -303,7 +351,74 @@ pub async fn chat_completions(ctx: Ctx, body: Body) -> Result<Response, ApiError
             state,
         ))
     });
-    Ok(warp::sse::reply(sync_wrapper::SyncStream::new(frames)).into_response())
+    let mut response = warp::sse::reply(sync_wrapper::SyncStream::new(frames)).into_response();
+    set_rate_limit_headers(&mut response, &rate_limit);
+    Ok(response)
+}
+
+/// Settles a `/v1` request's reservation exactly once when dropped — after the answer, on an
+/// error, or when the client hangs up mid-stream — with what was counted so far.
+struct UsageGuard {
+    sessions: Sessions,
+    user_id: Uuid,
+    reservation: Option<Reservation>,
+    model: Model,
+    /// The prompt as counted here, charged when the provider produced output but no usage.
+    prompt_tokens: u64,
+    reported: TokenUsage,
+    text: String,
+}
+
+impl UsageGuard {
+    fn record_usage(&mut self, reported: TokenUsage) {
+        if reported.input_tokens > 0 {
+            self.reported.input_tokens = reported.input_tokens;
+        }
+        if reported.output_tokens > 0 {
+            self.reported.output_tokens = reported.output_tokens;
+        }
+    }
+
+    fn record_text(&mut self, text: &str) {
+        self.text.push_str(text);
+    }
+
+    /// `(input, output)` tokens: as reported, else counted; nothing for a call that produced
+    /// nothing (refused before output, as providers bill it).
+    fn counts(&self) -> (u64, u64) {
+        let output = match self.reported.output_tokens {
+            0 if !self.text.is_empty() => {
+                chorus_actors::session::context::count_tokens(&self.model, &self.text) as u64
+            }
+            n => n,
+        };
+        let input = match self.reported.input_tokens {
+            0 if output > 0 => self.prompt_tokens,
+            n => n,
+        };
+        (input, output)
+    }
+}
+
+impl Drop for UsageGuard {
+    fn drop(&mut self) {
+        let Some(reservation) = self.reservation.take() else {
+            return;
+        };
+        let (input, output) = self.counts();
+        let cost = self.model.cost_usd(input, output);
+        let (sessions, user_id) = (self.sessions.clone(), self.user_id);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    sessions
+                        .settle(user_id, reservation, input + output, cost)
+                        .await;
+                });
+            }
+            Err(_) => tracing::error!(%user_id, "no runtime to settle a /v1 reservation"),
+        }
+    }
 }
 
 enum Phase {
@@ -329,6 +444,7 @@ struct CompletionStream {
     include_usage: bool,
     usage: TokenUsage,
     phase: Phase,
+    usage_guard: UsageGuard,
 }
 
 impl CompletionStream {
@@ -352,12 +468,14 @@ impl CompletionStream {
                 }
                 Phase::Streaming => match self.upstream.next().await {
                     Some(Ok(Chunk::Text(text))) => {
+                        self.usage_guard.record_text(&text);
                         return Some(self.chunk(json!({ "content": text }), None));
                     }
                     Some(Ok(Chunk::Finish(reason))) => {
                         return Some(self.chunk(json!({}), Some(finish_str(&reason))));
                     }
                     Some(Ok(Chunk::Usage(reported))) => {
+                        self.usage_guard.record_usage(reported);
                         if reported.input_tokens > 0 {
                             self.usage.input_tokens = reported.input_tokens;
                         }
@@ -383,6 +501,9 @@ impl CompletionStream {
                     }
                     None => {
                         self.lease.succeeded(self.opened.elapsed());
+                        self.lease
+                            .settle_tokens(self.usage.input_tokens + self.usage.output_tokens)
+                            .await;
                         self.phase = Phase::Usage;
                     }
                 },

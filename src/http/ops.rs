@@ -1,5 +1,6 @@
 //! `/healthz` (the process is alive) and `/readyz` (it can serve: store reachable, not draining).
 
+use chorus_actors::quota::BackendHealth;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -21,7 +22,18 @@ pub async fn readyz(ctx: Ctx) -> Result<Response, ApiError> {
         Ok(Err(e)) => format!("error: {e}"),
         Err(_) => "error: timed out after 2s".to_owned(),
     };
+    // Redis down is "degraded", not "not ready": every node would leave the load balancer at
+    // once and block all traffic, while each can go on with its local share of the limits.
+    let buckets = &ctx.state.shared_buckets;
+    let redis = match (buckets.backend(), buckets.health()) {
+        ("redis", BackendHealth::Healthy) => Some("ok".to_owned()),
+        ("redis", BackendHealth::Degraded { reason }) => Some(format!(
+            "degraded: {reason}; limits answered with this node's local share"
+        )),
+        _ => None,
+    };
     let ready = !draining && store == "ok";
+    let degraded = redis.as_deref().is_some_and(|r| r != "ok");
     let status = if ready {
         StatusCode::OK
     } else {
@@ -30,9 +42,14 @@ pub async fn readyz(ctx: Ctx) -> Result<Response, ApiError> {
     Ok(json_response(
         status,
         &json!({
-            "status": if ready { "ready" } else { "not_ready" },
+            "status": match (ready, degraded) {
+                (false, _) => "not_ready",
+                (true, true) => "degraded",
+                (true, false) => "ready",
+            },
             "checks": {
                 "store": store,
+                "redis": redis.as_deref().unwrap_or("not configured (limits in-process)"),
                 "shutdown": if draining { "draining" } else { "running" },
             },
             "node": ctx.state.placement.local_node().as_str(),

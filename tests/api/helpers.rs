@@ -27,6 +27,20 @@ pub const TEST_JWT_SECRET: &str = "chorus-e2e-test-secret-0123456789-abcdefghij"
 pub const TEST_ISSUER: &str = "chorus";
 /// The key id the server writes into its tokens (config default).
 pub const TEST_KID: &str = "k1";
+/// Tiers for tests that send many messages quickly and are not about limits: one default tier
+/// `free` with every model and per-minute limits no test reaches.
+pub const ROOMY_TIERS: &str = r#"
+default_tier = "free"
+
+[tiers.free]
+name = "Free"
+requests_per_minute = 100000
+tokens_per_minute = 1000000000
+models = ["*"]
+files_per_request = 3
+upload_max_bytes = 10485760
+"#;
+
 /// A password that passes validation; tests that need to find it in logs use their own.
 pub const PASSWORD: &str = "correct-horse-battery-staple";
 
@@ -150,6 +164,7 @@ pub struct TestAppBuilder {
     env: Vec<(String, String)>,
     data_dir: Option<Arc<TempDir>>,
     models_toml: Option<String>,
+    tiers_toml: Option<String>,
 }
 
 impl TestAppBuilder {
@@ -169,6 +184,14 @@ impl TestAppBuilder {
     /// with `CHORUS__MODELS_FILE`. See [`catalogue_toml`].
     pub fn models_toml(mut self, text: &str) -> Self {
         self.models_toml = Some(text.to_owned());
+        self
+    }
+
+    /// A tiers file (tiers.toml text) written into the data dir and given to the server with
+    /// `CHORUS__TIERS_FILE`. [`ROOMY_TIERS`] lifts the per-user limits for tests that send
+    /// many messages and are not about limits.
+    pub fn tiers_toml(mut self, text: &str) -> Self {
+        self.tiers_toml = Some(text.to_owned());
         self
     }
 
@@ -192,6 +215,14 @@ impl TestAppBuilder {
             None => Arc::new(tempfile::tempdir().expect("creating a temp data dir")),
         };
         let mut env = self.env;
+        if let Some(text) = &self.tiers_toml {
+            let path = data_dir.path().join("test-tiers.toml");
+            std::fs::write(&path, text).expect("writing the test tiers");
+            env.insert(
+                0,
+                ("CHORUS__TIERS_FILE".to_owned(), path.display().to_string()),
+            );
+        }
         if let Some(text) = &self.models_toml {
             let path = data_dir.path().join("test-models.toml");
             std::fs::write(&path, text).expect("writing the test catalogue");
@@ -243,6 +274,7 @@ impl TestApp {
             env: Vec::new(),
             data_dir: None,
             models_toml: None,
+            tiers_toml: None,
         }
     }
 

@@ -63,8 +63,10 @@ async fn setup_with(env: &[(&str, &str)]) -> Setup {
         .collect();
     // These tests check each adapter's handling of every failure, so each call goes to the
     // provider once: no retries, no continuation after a cut (tests/api/routing.rs covers those).
+    // Dozens of messages in a few seconds: well past the default tier's per-minute limits.
     let mut builder = TestApp::builder()
         .models_toml(&catalogue_toml(&models))
+        .tiers_toml(crate::helpers::ROOMY_TIERS)
         .upstream(&upstream)
         .env("CHORUS__ROUTING__MAX_ATTEMPTS", "1")
         .env("CHORUS__ROUTING__CONTINUE_AFTER_CUT", "false");

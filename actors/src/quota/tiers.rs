@@ -105,6 +105,26 @@ impl Tiers {
         Ok(Tiers { file })
     }
 
+    /// One default tier, `free`, with no practical limit and every model: what a session layer
+    /// built without a tiers file (tests, embedding) enforces.
+    pub fn unlimited() -> Tiers {
+        let free = TierSpec {
+            name: "Unlimited".into(),
+            requests_per_minute: u32::MAX,
+            tokens_per_minute: u64::from(u32::MAX),
+            models: vec!["*".into()],
+            files_per_request: u32::MAX,
+            upload_max_bytes: u64::MAX,
+            monthly: MonthlyLimits::default(),
+        };
+        Tiers {
+            file: TiersFile {
+                default_tier: "free".into(),
+                tiers: [("free".to_owned(), free)].into_iter().collect(),
+            },
+        }
+    }
+
     pub fn default_tier(&self) -> &str {
         &self.file.default_tier
     }

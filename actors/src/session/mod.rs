@@ -13,6 +13,7 @@
 
 pub mod context;
 pub mod events;
+mod quota;
 mod supervisor;
 pub mod turn;
 mod user_session;
@@ -30,6 +31,10 @@ pub use supervisor::{SessionSupervisor, SessionSupervisorArgs, SessionSupervisor
 pub use user_session::{UserSession, UserSessionMessage, usage_period};
 
 use crate::provider::{KeyOpener, ProviderError};
+pub use quota::Reservation;
+
+use crate::quota::tiers::Tiers;
+use crate::quota::{Admission, Clock, LocalBuckets};
 use events::ThreadEvents;
 use turn::{FirstOutcome, TurnTimeouts};
 
@@ -44,6 +49,12 @@ pub struct SessionConfig {
     pub turn_timeouts: TurnTimeouts,
     /// Opens users' own provider keys; `None`: users' keys are not used.
     pub key_opener: Option<Arc<dyn KeyOpener>>,
+    /// The plans users' limits come from.
+    pub tiers: Arc<Tiers>,
+    /// The clock monthly limits count in (a test's, or the system's).
+    pub clock: Clock,
+    /// Per-user requests/min and tokens/min. In-process: each user has one home session.
+    pub user_buckets: Arc<LocalBuckets>,
 }
 
 impl Default for SessionConfig {
@@ -53,6 +64,9 @@ impl Default for SessionConfig {
             call_timeout: Duration::from_secs(10),
             turn_timeouts: TurnTimeouts::default(),
             key_opener: None,
+            tiers: Arc::new(Tiers::unlimited()),
+            clock: Clock::system(),
+            user_buckets: Arc::new(LocalBuckets::new()),
         }
     }
 }
@@ -76,6 +90,27 @@ pub enum SessionError {
     /// The session could not be reached or did not answer in time.
     #[error("user session unavailable: {0}")]
     Unavailable(String),
+    /// The user's tier does not allow this (e.g. a model); the message says what.
+    #[error("{0}")]
+    Forbidden(String),
+    /// A per-minute bucket of the user's tier is empty (`what`: `requests_per_minute` or
+    /// `tokens_per_minute`).
+    #[error("rate limit reached: {what} ({limit})")]
+    RateLimited {
+        what: String,
+        limit: u64,
+        remaining: u64,
+        retry_after: Duration,
+        reset_after: Duration,
+    },
+    /// A monthly limit of the user's tier is used up until `resets_at`.
+    #[error("monthly quota exceeded: {what} ({used} of {limit})")]
+    QuotaExceeded {
+        what: String,
+        limit: u64,
+        used: u64,
+        resets_at: chrono::DateTime<chrono::Utc>,
+    },
 }
 
 /// Fields of `POST /api/v1/threads`, validated by the edge.
@@ -115,6 +150,8 @@ pub struct TurnStarted {
     pub from_seq: u64,
     /// Resolves once some model produced output, or every model failed before any.
     pub first_outcome: tokio::sync::oneshot::Receiver<FirstOutcome>,
+    /// The user's requests-per-minute bucket after this request (for `X-RateLimit-*`).
+    pub rate_limit: Admission,
 }
 
 /// `PATCH /api/v1/me`: `None` leaves a field alone, `Some(None)` clears it.
@@ -279,6 +316,63 @@ impl Sessions {
                 Err(SessionError::Unavailable(gone))
             }
         }
+    }
+
+    /// Checks the user's tier and limits for one request to `model_id` outside a thread (the
+    /// OpenAI-compatible API) and reserves `estimated_tokens`. Settle the reservation exactly
+    /// once with [`Sessions::settle`], whatever happens to the request.
+    pub async fn admit(
+        &self,
+        user_id: Uuid,
+        model_id: &str,
+        estimated_tokens: u64,
+    ) -> Result<Reservation, SessionError> {
+        // Not retried after an answer: a lost reply would leak a reservation (it still refills).
+        let session = self.session(user_id).await?;
+        let model_id = model_id.to_owned();
+        let build = |reply| UserSessionMessage::Admit(model_id, estimated_tokens, reply);
+        match self.call_once(&session, build).await {
+            Ok(answer) => answer,
+            Err(gone) => {
+                self.forget(user_id, &session);
+                Err(SessionError::Unavailable(gone))
+            }
+        }
+    }
+
+    /// Settles a reservation from [`Sessions::admit`] with what the request really used, and
+    /// records the usage. A message to the session (nothing to wait for); the reservation is
+    /// consumed, so it is settled exactly once.
+    pub async fn settle(
+        &self,
+        user_id: Uuid,
+        reservation: Reservation,
+        used_tokens: u64,
+        cost_usd: f64,
+    ) {
+        let mut message = UserSessionMessage::Settle(reservation, used_tokens, cost_usd);
+        for _attempt in 0..2 {
+            let session = match self.session(user_id).await {
+                Ok(session) => session,
+                Err(e) => {
+                    tracing::error!(%user_id, error = %e, "settling a reservation: no session");
+                    return;
+                }
+            };
+            match session.cast(message) {
+                Ok(()) => return,
+                Err(ractor::MessagingErr::SendErr(back)) => {
+                    // The session stopped between lookup and delivery: once more, on a fresh one.
+                    self.forget(user_id, &session);
+                    message = back;
+                }
+                Err(e) => {
+                    tracing::error!(%user_id, error = %e, "settling a reservation failed");
+                    return;
+                }
+            }
+        }
+        tracing::error!(%user_id, "settling a reservation: the session kept stopping");
     }
 
     /// The event log of one of the user's threads.

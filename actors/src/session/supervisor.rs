@@ -136,6 +136,11 @@ async fn get_or_spawn(
         idle_timeout: state.config.idle_timeout,
         turn_timeouts: state.config.turn_timeouts,
         key_opener: state.config.key_opener.clone(),
+        quotas: super::quota::Quotas {
+            tiers: state.config.tiers.clone(),
+            clock: state.config.clock.clone(),
+            buckets: state.config.user_buckets.clone(),
+        },
     };
     // Unnamed: ractor's name registry is process-global, and sessions are many and short-lived.
     let (session, _handle) = Actor::spawn_linked(None, UserSession, args, myself.get_cell())

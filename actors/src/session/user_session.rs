@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use super::context::{self, count_tokens};
 use super::events::ThreadEvents;
+use super::quota::{Held, Quotas, Reservation, record_usage};
 use super::turn::{LegResult, Turn, TurnArgs, TurnLeg, TurnTimeouts};
 use super::{
     NewThread, ProfilePatch, SendMessage, SessionError, ThreadPatch, TierRoleChange, TurnStarted,
@@ -40,6 +41,7 @@ pub struct UserSessionArgs {
     pub idle_timeout: Duration,
     pub turn_timeouts: TurnTimeouts,
     pub key_opener: Option<Arc<dyn KeyOpener>>,
+    pub quotas: Quotas,
 }
 
 /// A turn that is still running.
@@ -52,6 +54,8 @@ struct LiveTurn {
     summarize: Vec<String>,
     /// The thread had no title when the turn started: give it one from the first exchange.
     title_from: Option<(String, Model)>,
+    /// Its admission, settled once when the turn ends however it ends.
+    reservation: Reservation,
 }
 
 pub struct UserSessionState {
@@ -68,6 +72,9 @@ pub struct UserSessionState {
     /// Event logs by thread, kept while the session lives so clients can resume.
     logs: HashMap<Uuid, Arc<ThreadEvents>>,
     turns: HashMap<Uuid, LiveTurn>,
+    quotas: Quotas,
+    /// Tokens held by admitted requests outside threads (`/v1`), by reservation id.
+    open: HashMap<Uuid, u64>,
 }
 
 #[derive(RactorMessage)]
@@ -103,6 +110,11 @@ pub enum UserSessionMessage {
         Option<String>,
         RpcReplyPort<Result<Summary, SessionError>>,
     ),
+    /// Admits one request to a model outside a thread (`/v1`): tier, monthly and per-minute
+    /// limits; the reservation comes back to be settled with `Settle`.
+    Admit(String, u64, RpcReplyPort<Result<Reservation, SessionError>>),
+    /// Settles an `Admit` reservation with the tokens used and the cost, and records usage.
+    Settle(Reservation, u64, f64),
     /// Sent by a `Turn` after every leg is stored and `done` is logged.
     TurnFinished {
         turn_id: Uuid,
@@ -142,6 +154,8 @@ impl Actor for UserSession {
             idle_timer: Some(idle_timer),
             logs: HashMap::new(),
             turns: HashMap::new(),
+            quotas: args.quotas,
+            open: HashMap::new(),
         })
     }
 
@@ -163,7 +177,7 @@ impl Actor for UserSession {
             .await;
         let turns: Vec<(Uuid, LiveTurn)> = state.turns.drain().collect();
         for (turn_id, turn) in turns {
-            settle_abandoned(state, turn_id, &turn, "the server stopped during this turn").await;
+            settle_abandoned(state, turn_id, turn, "the server stopped during this turn").await;
         }
         Ok(())
     }
@@ -184,7 +198,7 @@ impl Actor for UserSession {
                 && let Some(turn) = state.turns.remove(&turn_id)
             {
                 tracing::error!(%turn_id, error = %error, "turn crashed; settling it as failed");
-                settle_abandoned(state, turn_id, &turn, "the turn failed unexpectedly").await;
+                settle_abandoned(state, turn_id, turn, "the turn failed unexpectedly").await;
             }
         }
         Ok(())
@@ -212,6 +226,7 @@ impl Actor for UserSession {
                 // or it would wait on a log no turn writes to any more.
                 let watched = state.logs.values().any(|log| Arc::strong_count(log) > 1);
                 if state.turns.is_empty()
+                    && state.open.is_empty()
                     && !watched
                     && state.last_active.elapsed() >= state.idle_timeout
                 {
@@ -268,6 +283,20 @@ impl Actor for UserSession {
                 } else {
                     let _ = reply.send(start_turn(&myself, state, thread_id, send).await);
                 }
+            }
+            UserSessionMessage::Admit(model_id, estimate, reply) => {
+                let result = admit_request(state, &model_id, estimate).await;
+                // A caller that gave up waiting never settles: take the reservation back now.
+                if let Err(ractor::MessagingErr::SendErr(Ok(reservation))) = reply.send(result) {
+                    state.open.remove(&reservation.id);
+                    state.quotas.refund(reservation);
+                }
+            }
+            UserSessionMessage::Settle(reservation, used_tokens, cost_usd) => {
+                state.open.remove(&reservation.id);
+                let (user_id, period) = (reservation.user_id, reservation.period.clone());
+                state.quotas.settle(reservation, used_tokens);
+                record_usage(&*state.store, user_id, &period, used_tokens, cost_usd).await;
             }
             UserSessionMessage::Subscribe(thread_id, reply) => {
                 let _ = reply.send(subscribe(state, thread_id).await);
@@ -623,7 +652,20 @@ async fn start_turn(
     send: SendMessage,
 ) -> Result<TurnStarted, SessionError> {
     let mut placeholders = Vec::new();
-    let started = launch_turn(myself, state, thread_id, send, &mut placeholders).await;
+    let mut reservation = None;
+    let started = launch_turn(
+        myself,
+        state,
+        thread_id,
+        send,
+        &mut placeholders,
+        &mut reservation,
+    )
+    .await;
+    if let Some(reservation) = reservation {
+        // Admitted, then not started: the request does not count.
+        state.quotas.refund(reservation);
+    }
     if let Err(error) = &started {
         // Assistant rows already stored must not stay `streaming` with no turn behind them.
         for mut message in placeholders {
@@ -643,6 +685,7 @@ async fn launch_turn(
     thread_id: Uuid,
     send: SendMessage,
     placeholders: &mut Vec<Message>,
+    reservation: &mut Option<Reservation>,
 ) -> Result<TurnStarted, SessionError> {
     let store = state.store.clone();
     let mut thread = store
@@ -654,6 +697,22 @@ async fn launch_turn(
         .await?
         .ok_or(SessionError::NotFound)?;
     let models = resolve_models(state, &send.models, &thread, &user)?;
+    // Limits before anything is stored: a refused message changes nothing.
+    for model in &models {
+        state
+            .quotas
+            .check_model(&user, &model.spec.id, &model.spec.tiers)?;
+    }
+    let estimate = models
+        .iter()
+        .map(|m| count_tokens(m, &send.content) as u64 + u64::from(leg_max_tokens(&send, m)))
+        .sum();
+    *reservation = Some(
+        state
+            .quotas
+            .admit(&*store, &user, held(state), estimate)
+            .await?,
+    );
     let turn_id = Uuid::now_v7();
 
     // Nothing accepted is lost: the user's message is stored before any provider is called.
@@ -701,10 +760,7 @@ async fn launch_turn(
         let summary = store
             .get_summary(state.user_id, thread_id, &model.spec.id)
             .await?;
-        let max_tokens = send
-            .max_tokens
-            .unwrap_or(model.spec.max_output_tokens)
-            .min(model.spec.max_output_tokens.max(1));
+        let max_tokens = leg_max_tokens(&send, &model);
         let (request, stats) = context::assemble(
             &model,
             system_prompt.as_deref(),
@@ -743,6 +799,19 @@ async fn launch_turn(
         });
     }
 
+    // The real prompts are known now; a longer history than estimated takes the difference.
+    let assembled: u64 = legs
+        .iter()
+        .map(|l| l.estimated_input_tokens + u64::from(l.request.max_tokens.unwrap_or(0)))
+        .sum();
+    if let Some(reservation) = reservation.as_mut() {
+        state.quotas.top_up(reservation, assembled);
+    }
+    let period = reservation
+        .as_ref()
+        .map(|r| r.period.clone())
+        .unwrap_or_else(usage_period);
+
     let log = log_for(state, thread_id);
     let from_seq = log.next_seq();
     let (cancel, cancel_rx) = watch::channel(false);
@@ -759,13 +828,17 @@ async fn launch_turn(
         session: myself.clone(),
         first_outcome: Some(first_tx),
         timeouts: state.turn_timeouts,
-        usage_period: usage_period(),
         catalogue: state.catalogue.clone(),
         own_keys: own_keys(state).await,
+        usage_period: period,
     };
     let (turn, _) = Actor::spawn_linked(None, Turn, args, myself.get_cell())
         .await
         .map_err(|e| SessionError::Unavailable(format!("starting the turn: {e}")))?;
+    let reservation = reservation
+        .take()
+        .ok_or_else(|| SessionError::Unavailable("turn admitted without a reservation".into()))?;
+    let rate_limit = reservation.admission;
     state.turns.insert(
         turn_id,
         LiveTurn {
@@ -775,6 +848,7 @@ async fn launch_turn(
             message_ids,
             summarize,
             title_from,
+            reservation,
         },
     );
     Ok(TurnStarted {
@@ -784,6 +858,7 @@ async fn launch_turn(
         log,
         from_seq,
         first_outcome: first_rx,
+        rate_limit,
     })
 }
 
@@ -814,6 +889,56 @@ async fn own_keys(state: &mut UserSessionState) -> HashMap<String, String> {
     keys
 }
 
+/// The most output tokens one leg may ask for: the request's, within the model's maximum.
+fn leg_max_tokens(send: &SendMessage, model: &Model) -> u32 {
+    send.max_tokens
+        .unwrap_or(model.spec.max_output_tokens)
+        .min(model.spec.max_output_tokens.max(1))
+}
+
+/// What live turns and open requests hold against the monthly limits.
+fn held(state: &UserSessionState) -> Held {
+    // A turn that logged `done` has already added its usage to the store (TurnFinished is on
+    // its way): counting its reservation too would count it twice.
+    let turns = state
+        .turns
+        .iter()
+        .filter(|(turn_id, t)| {
+            !state
+                .logs
+                .get(&t.thread_id)
+                .is_some_and(|log| log.has_done(**turn_id))
+        })
+        .fold(Held::default(), |h, (_, t)| h.add(t.reservation.tokens));
+    state.open.values().fold(turns, |h, tokens| h.add(*tokens))
+}
+
+/// `Admit`: one request to a model outside a thread.
+async fn admit_request(
+    state: &mut UserSessionState,
+    model_id: &str,
+    estimate: u64,
+) -> Result<Reservation, SessionError> {
+    let user = state
+        .store
+        .get_user(state.user_id)
+        .await?
+        .ok_or(SessionError::NotFound)?;
+    let model = state.catalogue.get(model_id).ok_or_else(|| {
+        SessionError::Invalid(format!("model `{model_id}` is unknown or not enabled"))
+    })?;
+    state
+        .quotas
+        .check_model(&user, model_id, &model.spec.tiers)?;
+    let mut reservation = state
+        .quotas
+        .admit(&*state.store, &user, held(state), estimate)
+        .await?;
+    state.open.insert(reservation.id, reservation.tokens);
+    reservation.own_keys = own_keys(state).await;
+    Ok(reservation)
+}
+
 /// The calendar month in UTC (`YYYY-MM`): the period of monthly usage counters.
 pub fn usage_period() -> String {
     Utc::now().format("%Y-%m").to_string()
@@ -829,6 +954,12 @@ async fn turn_finished(
     let Some(turn) = state.turns.remove(&turn_id) else {
         return;
     };
+    // Settled once, with the real counts (a leg refused before output reports none).
+    let used: u64 = results
+        .iter()
+        .map(|r| (r.message.usage.input_tokens + r.message.usage.output_tokens).max(0) as u64)
+        .sum();
+    state.quotas.settle(turn.reservation, used);
     if let Some((prompt, model)) = turn.title_from {
         let answered = results
             .iter()
@@ -1054,19 +1185,27 @@ fn mock_digest(previous: Option<&str>, folded: &[&Message]) -> String {
 /// Settles the messages of a turn that ended without settling them itself (it crashed, or the
 /// session stopped): what was stored stays, the status becomes `failed`, and readers get the
 /// `error`, `message_complete` and `done` events they wait for.
-async fn settle_abandoned(state: &UserSessionState, turn_id: Uuid, turn: &LiveTurn, reason: &str) {
+async fn settle_abandoned(state: &UserSessionState, turn_id: Uuid, turn: LiveTurn, reason: &str) {
     let log = state.logs.get(&turn.thread_id).cloned();
+    // The rate bucket is settled with the stored counts when every leg settled itself; a leg
+    // cut off unsettled (or unreadable) keeps the whole reservation as its charge.
+    let mut used = Some(0u64);
     for &message_id in &turn.message_ids {
         let Ok(Some(mut message)) = state
             .store
             .get_message(state.user_id, turn.thread_id, message_id)
             .await
         else {
+            used = None;
             continue;
         };
         if message.status != MessageStatus::Streaming {
+            used = used.map(|u| {
+                u + (message.usage.input_tokens + message.usage.output_tokens).max(0) as u64
+            });
             continue;
         }
+        used = None;
         message.status = MessageStatus::Failed;
         if let Err(e) = state.store.update_message(&message).await {
             tracing::error!(error = %e, %message_id, "settling an abandoned message failed");
@@ -1089,6 +1228,8 @@ async fn settle_abandoned(state: &UserSessionState, turn_id: Uuid, turn: &LiveTu
     {
         log.append(turn_id, "done", &json!({ "turn_id": turn_id }));
     }
+    let used = used.unwrap_or(turn.reservation.tokens);
+    state.quotas.settle(turn.reservation, used);
 }
 
 #[cfg(test)]

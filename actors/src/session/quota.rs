@@ -1,0 +1,238 @@
+//! Per-user limits, enforced by the user's home session before anything is stored.
+//!
+//! A request is admitted in this order, and a refusal changes nothing:
+//! 1. the tier allows every model asked for (else `Forbidden`);
+//! 2. the monthly limits (`chat_messages`, `tokens`) are not used up: the `usage` table for the
+//!    current period plus what live requests still hold (else `QuotaExceeded`);
+//! 3. one request from the requests-per-minute bucket, and the token estimate (prompt + max
+//!    output, at most the bucket's capacity) from the tokens-per-minute bucket (else
+//!    `RateLimited`; a token refusal gives the request back).
+//!
+//! The admitted [`Reservation`] is settled once with the real token count: the difference goes
+//! back to (or is taken from) the tokens bucket. The request itself stays counted, even when the
+//! provider then failed (as OpenAI counts it).
+//!
+//! The buckets are in-process ([`LocalBuckets`]): one node owns each user, so they are exact.
+
+use crate::metrics::metrics;
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use super::SessionError;
+use crate::quota::tiers::{TierSpec, Tiers};
+use crate::quota::{Admission, BucketSpec, Clock, LocalBuckets, next_period_start, period_of};
+use crate::store::{Store, User};
+
+/// What one admitted request holds until it is settled. Not `Clone`: settling consumes it.
+#[derive(Debug)]
+pub struct Reservation {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    /// The usage period (`YYYY-MM`) the request counts in: the one it was admitted in.
+    pub period: String,
+    /// Tokens taken from the tokens-per-minute bucket (and held against the monthly limit).
+    pub tokens: u64,
+    /// The requests-per-minute bucket after this request, for `X-RateLimit-*`.
+    pub admission: Admission,
+    /// The user's own provider keys by provider id, for routing the admitted request (filled in
+    /// by the session, which holds them opened).
+    pub own_keys: std::collections::HashMap<String, String>,
+    rpm: BucketSpec,
+    tpm: BucketSpec,
+}
+
+/// What live requests hold against the monthly limits.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Held {
+    pub requests: u64,
+    pub tokens: u64,
+}
+
+impl Held {
+    pub fn add(self, tokens: u64) -> Held {
+        Held {
+            requests: self.requests + 1,
+            tokens: self.tokens.saturating_add(tokens),
+        }
+    }
+}
+
+/// The session's handle on its user's limits.
+#[derive(Clone)]
+pub struct Quotas {
+    pub tiers: Arc<Tiers>,
+    pub clock: Clock,
+    pub buckets: Arc<LocalBuckets>,
+}
+
+fn rpm_key(user_id: Uuid) -> String {
+    format!("{user_id}:rpm")
+}
+
+fn tpm_key(user_id: Uuid) -> String {
+    format!("{user_id}:tpm")
+}
+
+impl Quotas {
+    pub fn tier<'a>(&'a self, user: &User) -> (&'a str, &'a TierSpec) {
+        self.tiers.get(&user.tier)
+    }
+
+    /// Refuses a model the user's tier may not use.
+    pub fn check_model(
+        &self,
+        user: &User,
+        model_id: &str,
+        model_tiers: &[String],
+    ) -> Result<(), SessionError> {
+        let (tier_id, tier) = self.tier(user);
+        if self.tiers.allows_model(&user.tier, model_id, model_tiers) {
+            return Ok(());
+        }
+        metrics().quota_rejections_total.inc(["model_not_in_tier"]);
+        Err(SessionError::Forbidden(format!(
+            "the {} tier (`{tier_id}`) does not include the model `{model_id}`",
+            tier.name
+        )))
+    }
+
+    /// Checks the monthly limits and takes from the per-minute buckets (see the module doc).
+    pub async fn admit(
+        &self,
+        store: &dyn Store,
+        user: &User,
+        held: Held,
+        estimated_tokens: u64,
+    ) -> Result<Reservation, SessionError> {
+        let now = self.clock.now();
+        let period = period_of(now);
+        let (_, tier) = self.tier(user);
+        let monthly = &tier.monthly;
+        if monthly.chat_messages.is_some() || monthly.tokens.is_some() {
+            let used = store.get_usage(user.id, &period).await?;
+            let counter = |kind: &str| used.get(kind).copied().unwrap_or(0).max(0) as u64;
+            for (what, limit, in_use) in [
+                (
+                    "chat_messages",
+                    monthly.chat_messages,
+                    counter("chat_messages") + held.requests,
+                ),
+                (
+                    "tokens",
+                    monthly.tokens,
+                    counter("tokens").saturating_add(held.tokens),
+                ),
+            ] {
+                if let Some(limit) = limit
+                    && in_use >= limit
+                {
+                    metrics().quota_rejections_total.inc([if what == "tokens" {
+                        "monthly_tokens"
+                    } else {
+                        "monthly_chat_messages"
+                    }]);
+                    return Err(SessionError::QuotaExceeded {
+                        what: what.into(),
+                        limit,
+                        used: in_use,
+                        resets_at: next_period_start(now),
+                    });
+                }
+            }
+        }
+
+        let rpm = BucketSpec::per_minute(u64::from(tier.requests_per_minute));
+        let tpm = BucketSpec::per_minute(tier.tokens_per_minute);
+        let (rpm_key, tpm_key) = (rpm_key(user.id), tpm_key(user.id));
+        let request = self.buckets.take_now(&rpm_key, rpm, 1);
+        if !request.allowed {
+            return Err(refused("requests_per_minute", request));
+        }
+        // A single request larger than the whole bucket could never pass: it takes a full
+        // bucket, and its settlement charges the rest as debt.
+        let tokens = estimated_tokens.clamp(1, tpm.capacity.max(1));
+        let taken = self.buckets.take_now(&tpm_key, tpm, tokens);
+        if !taken.allowed {
+            self.buckets.adjust_now(&rpm_key, rpm, -1);
+            return Err(refused("tokens_per_minute", taken));
+        }
+        Ok(Reservation {
+            id: Uuid::now_v7(),
+            user_id: user.id,
+            period,
+            tokens,
+            admission: request,
+            own_keys: Default::default(),
+            rpm,
+            tpm,
+        })
+    }
+
+    /// The request turned out bigger than estimated (its real prompt is known now): takes the
+    /// difference without checking.
+    pub fn top_up(&self, reservation: &mut Reservation, tokens: u64) {
+        if tokens > reservation.tokens {
+            let more = tokens - reservation.tokens;
+            self.buckets.adjust_now(
+                &tpm_key(reservation.user_id),
+                reservation.tpm,
+                i64::try_from(more).unwrap_or(i64::MAX),
+            );
+            reservation.tokens = tokens;
+        }
+    }
+
+    /// Settles with the real count: the tokens bucket gets back what was reserved and not used
+    /// (or gives more). The request stays counted.
+    pub fn settle(&self, reservation: Reservation, used_tokens: u64) {
+        let delta = i128::from(used_tokens) - i128::from(reservation.tokens);
+        let delta = i64::try_from(delta).unwrap_or(if delta > 0 { i64::MAX } else { i64::MIN });
+        self.buckets
+            .adjust_now(&tpm_key(reservation.user_id), reservation.tpm, delta);
+    }
+
+    /// A request admitted and then not started at all (a later step failed): everything back.
+    pub fn refund(&self, reservation: Reservation) {
+        self.buckets
+            .adjust_now(&rpm_key(reservation.user_id), reservation.rpm, -1);
+        self.settle(reservation, 0);
+    }
+}
+
+fn refused(what: &str, admission: Admission) -> SessionError {
+    metrics().quota_rejections_total.inc([match what {
+        "tokens_per_minute" => "tokens_per_minute",
+        _ => "requests_per_minute",
+    }]);
+    SessionError::RateLimited {
+        what: what.into(),
+        limit: admission.limit,
+        remaining: admission.remaining,
+        retry_after: admission.retry_after,
+        reset_after: admission.reset_after,
+    }
+}
+
+/// Records a settled request outside a thread in the usage counters (the kinds a turn uses).
+pub(crate) async fn record_usage(
+    store: &dyn Store,
+    user_id: Uuid,
+    period: &str,
+    used_tokens: u64,
+    cost_usd: f64,
+) {
+    // A request refused before any output is not a chat message (as for turns).
+    if used_tokens == 0 && cost_usd <= 0.0 {
+        return;
+    }
+    for (kind, delta) in [
+        ("chat_messages", 1),
+        ("tokens", i64::try_from(used_tokens).unwrap_or(i64::MAX)),
+        ("cost_micro_usd", (cost_usd * 1_000_000.0).round() as i64),
+    ] {
+        if let Err(e) = store.add_usage(user_id, period, kind, delta).await {
+            tracing::error!(error = %e, kind, "recording usage failed");
+        }
+    }
+}
