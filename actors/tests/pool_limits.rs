@@ -83,7 +83,10 @@ async fn admitted(catalogues: &[Catalogue], n: usize) -> usize {
 /// Two catalogues whose deployment has the same id, as on two nodes reading one models.toml.
 fn twins(rpm: u64, a: Arc<dyn TokenBuckets>, b: Arc<dyn TokenBuckets>) -> Vec<Catalogue> {
     let first = catalogue(rpm, a);
-    let id = first.get("limited").unwrap().deployments[0].config.id.clone();
+    let id = first.get("limited").unwrap().deployments[0]
+        .config
+        .id
+        .clone();
     let second = rebuild_with_id(rpm, &id, catalogue(rpm, b));
     vec![first, second]
 }
@@ -126,13 +129,22 @@ async fn two_nodes_pools_sharing_redis_admit_exactly_the_rpm_together() {
     let server = RedisServer::start();
     let connect = || async {
         let buckets: Arc<dyn TokenBuckets> = Arc::new(
-            RedisBuckets::connect(&server.url(), "chorus-pool-test", Duration::from_millis(500), 1.0)
-                .await,
+            RedisBuckets::connect(
+                &server.url(),
+                "chorus-pool-test",
+                Duration::from_millis(500),
+                1.0,
+            )
+            .await,
         );
         buckets
     };
     let nodes = twins(10, connect().await, connect().await);
-    assert_eq!(admitted(&nodes, 100).await, 10, "one limit across both nodes");
+    assert_eq!(
+        admitted(&nodes, 100).await,
+        10,
+        "one limit across both nodes"
+    );
 
     // Each node on its own buckets would have admitted 10 each: the sharing is what holds it.
     let apart = vec![

@@ -115,6 +115,8 @@ pub async fn get_usage(ctx: Ctx) -> Result<Response, ApiError> {
         .await?
         .ok_or_else(|| ApiError::unauthenticated("account no longer exists"))?;
     let (tier_id, tier) = ctx.state.config.tiers.get(&user.tier);
+    // `/v1` usage is written by the user's session in batches: have it write what it holds.
+    ctx.state.sessions.flush_usage(principal.user_id).await?;
     let used = ctx
         .state
         .store

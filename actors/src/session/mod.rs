@@ -206,6 +206,13 @@ impl Sessions {
         self.live.read().map(|m| m.len()).unwrap_or(0)
     }
 
+    /// Writes the user's pending usage counters, so a read of the `usage` table that follows
+    /// sees every settled request (used by `/me/usage`).
+    pub async fn flush_usage(&self, user_id: Uuid) -> Result<(), SessionError> {
+        self.request(user_id, |reply| UserSessionMessage::FlushUsage(Some(reply)))
+            .await
+    }
+
     pub async fn create_thread(
         &self,
         user_id: Uuid,

@@ -2,8 +2,9 @@
 //!
 //! A request is admitted in this order, and a refusal changes nothing:
 //! 1. the tier allows every model asked for (else `Forbidden`);
-//! 2. the monthly limits (`chat_messages`, `tokens`) are not used up: the `usage` table for the
-//!    current period plus what live requests still hold (else `QuotaExceeded`);
+//! 2. the monthly limits (`chat_messages`, `tokens`) are not used up: the user's counters for
+//!    the current period ([`UsageBook`]: the `usage` table, read once, kept current by the
+//!    session) plus what live requests still hold (else `QuotaExceeded`);
 //! 3. one request from the requests-per-minute bucket, and the token estimate (prompt + max
 //!    output, at most the bucket's capacity) from the tokens-per-minute bucket (else
 //!    `RateLimited`; a token refusal gives the request back).
@@ -14,12 +15,13 @@
 //!
 //! The buckets are in-process ([`LocalBuckets`]): one node owns each user, so they are exact.
 
-use crate::metrics::metrics;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use uuid::Uuid;
 
 use super::SessionError;
+use crate::metrics::metrics;
 use crate::quota::tiers::{TierSpec, Tiers};
 use crate::quota::{Admission, BucketSpec, Clock, LocalBuckets, next_period_start, period_of};
 use crate::store::{Store, User};
@@ -97,10 +99,17 @@ impl Quotas {
         )))
     }
 
+    /// The usage period (`YYYY-MM`) of now.
+    pub fn period_now(&self) -> String {
+        period_of(self.clock.now())
+    }
+
     /// Checks the monthly limits and takes from the per-minute buckets (see the module doc).
+    /// `book` holds the user's counters (read from the store once per period).
     pub async fn admit(
         &self,
         store: &dyn Store,
+        book: &mut UsageBook,
         user: &User,
         held: Held,
         estimated_tokens: u64,
@@ -110,7 +119,7 @@ impl Quotas {
         let (_, tier) = self.tier(user);
         let monthly = &tier.monthly;
         if monthly.chat_messages.is_some() || monthly.tokens.is_some() {
-            let used = store.get_usage(user.id, &period).await?;
+            let used = book.counters(store, user.id, &period).await?;
             let counter = |kind: &str| used.get(kind).copied().unwrap_or(0).max(0) as u64;
             for (what, limit, in_use) in [
                 (
@@ -214,25 +223,83 @@ fn refused(what: &str, admission: Admission) -> SessionError {
     }
 }
 
-/// Records a settled request outside a thread in the usage counters (the kinds a turn uses).
-pub(crate) async fn record_usage(
-    store: &dyn Store,
-    user_id: Uuid,
-    period: &str,
-    used_tokens: u64,
-    cost_usd: f64,
-) {
-    // A request refused before any output is not a chat message (as for turns).
+/// The usage deltas of one answered request or turn (the kinds `/me/usage` reports), or
+/// nothing when it was refused before any output (not a chat message, as for turns).
+pub(crate) fn usage_deltas(used_tokens: u64, cost_usd: f64) -> Option<[(&'static str, i64); 3]> {
     if used_tokens == 0 && cost_usd <= 0.0 {
-        return;
+        return None;
     }
-    for (kind, delta) in [
+    Some([
         ("chat_messages", 1),
         ("tokens", i64::try_from(used_tokens).unwrap_or(i64::MAX)),
         ("cost_micro_usd", (cost_usd * 1_000_000.0).round() as i64),
-    ] {
-        if let Err(e) = store.add_usage(user_id, period, kind, delta).await {
-            tracing::error!(error = %e, kind, "recording usage failed");
+    ])
+}
+
+/// The user's monthly counters as their session knows them: read from the store once per
+/// period, then kept current by the session — the only writer of its user's usage — so a
+/// request's limit check costs no store read. `/v1` requests add to `pending`, written back in
+/// one batch about a second later (and when the session stops), not three writes per request.
+#[derive(Debug, Default)]
+pub struct UsageBook {
+    period: Option<String>,
+    counters: BTreeMap<String, i64>,
+    /// Deltas not yet in the store, by (period, kind).
+    pending: BTreeMap<(String, String), i64>,
+}
+
+impl UsageBook {
+    /// The counters of `period` (the store's plus what is pending), loading them when needed.
+    pub async fn counters(
+        &mut self,
+        store: &dyn Store,
+        user_id: Uuid,
+        period: &str,
+    ) -> Result<&BTreeMap<String, i64>, SessionError> {
+        if self.period.as_deref() != Some(period) {
+            let mut counters = store.get_usage(user_id, period).await?;
+            for ((p, kind), delta) in &self.pending {
+                if p == period {
+                    *counters.entry(kind.clone()).or_default() += delta;
+                }
+            }
+            self.counters = counters;
+            self.period = Some(period.to_owned());
+        }
+        Ok(&self.counters)
+    }
+
+    /// Usage already written to the store by someone else (a turn).
+    pub fn observe(&mut self, period: &str, kind: &str, delta: i64) {
+        if self.period.as_deref() == Some(period) {
+            *self.counters.entry(kind.to_owned()).or_default() += delta;
+        }
+    }
+
+    /// Usage to write: counted now, stored at the next [`flush`](Self::flush).
+    pub fn add(&mut self, period: &str, kind: &str, delta: i64) {
+        self.observe(period, kind, delta);
+        *self
+            .pending
+            .entry((period.to_owned(), kind.to_owned()))
+            .or_default() += delta;
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Writes the pending deltas; a delta that fails to write stays pending for the next try.
+    pub async fn flush(&mut self, store: &dyn Store, user_id: Uuid) {
+        let pending = std::mem::take(&mut self.pending);
+        for ((period, kind), delta) in pending {
+            if delta == 0 {
+                continue;
+            }
+            if let Err(e) = store.add_usage(user_id, &period, &kind, delta).await {
+                tracing::error!(error = %e, %user_id, kind, "recording usage failed; will retry");
+                *self.pending.entry((period, kind)).or_default() += delta;
+            }
         }
     }
 }

@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use super::context::{self, count_tokens};
 use super::events::ThreadEvents;
-use super::quota::{Held, Quotas, Reservation, record_usage};
+use super::quota::{Held, Quotas, Reservation, UsageBook, usage_deltas};
 use super::turn::{LegResult, Turn, TurnArgs, TurnLeg, TurnTimeouts};
 use super::{
     NewThread, ProfilePatch, SendMessage, SessionError, ThreadPatch, TierRoleChange, TurnStarted,
@@ -75,6 +75,12 @@ pub struct UserSessionState {
     quotas: Quotas,
     /// Tokens held by admitted requests outside threads (`/v1`), by reservation id.
     open: HashMap<Uuid, u64>,
+    /// This month's usage counters, kept current here (see `UsageBook`).
+    usage: UsageBook,
+    /// A `FlushUsage` is on its way.
+    flush_scheduled: bool,
+    /// The user row, read once: every change to it goes through this session.
+    user: Option<User>,
 }
 
 #[derive(RactorMessage)]
@@ -127,6 +133,8 @@ pub enum UserSessionMessage {
     SummaryComputed(Summary, Option<RpcReplyPort<Result<Summary, SessionError>>>),
     /// Periodic self-check: stop when idle for `idle_timeout`.
     IdleCheck,
+    /// Writes pending usage counters to the store (from a timer, or before `/me/usage` reads).
+    FlushUsage(Option<RpcReplyPort<Result<(), SessionError>>>),
 }
 
 impl Actor for UserSession {
@@ -156,6 +164,9 @@ impl Actor for UserSession {
             turns: HashMap::new(),
             quotas: args.quotas,
             open: HashMap::new(),
+            usage: UsageBook::default(),
+            flush_scheduled: false,
+            user: None,
         })
     }
 
@@ -179,6 +190,8 @@ impl Actor for UserSession {
         for (turn_id, turn) in turns {
             settle_abandoned(state, turn_id, turn, "the server stopped during this turn").await;
         }
+        // Passivating or shutting down: usage still pending is written now.
+        state.usage.flush(&*state.store, state.user_id).await;
         Ok(())
     }
 
@@ -255,10 +268,14 @@ impl Actor for UserSession {
                 let _ = reply.send(result);
             }
             UserSessionMessage::UpdateProfile(patch, reply) => {
-                let _ = reply.send(update_profile(state, patch).await);
+                let result = update_profile(state, patch).await;
+                state.user = result.as_ref().ok().cloned();
+                let _ = reply.send(result);
             }
             UserSessionMessage::SetTierRole(change, reply) => {
-                let _ = reply.send(set_tier_role(state, change).await);
+                let result = set_tier_role(state, change).await;
+                state.user = result.as_ref().ok().cloned();
+                let _ = reply.send(result);
             }
             UserSessionMessage::CreateApiKey(key, max_keys, reply) => {
                 let _ = reply.send(create_api_key(state, key, max_keys).await);
@@ -294,9 +311,22 @@ impl Actor for UserSession {
             }
             UserSessionMessage::Settle(reservation, used_tokens, cost_usd) => {
                 state.open.remove(&reservation.id);
-                let (user_id, period) = (reservation.user_id, reservation.period.clone());
+                let period = reservation.period.clone();
                 state.quotas.settle(reservation, used_tokens);
-                record_usage(&*state.store, user_id, &period, used_tokens, cost_usd).await;
+                for (kind, delta) in usage_deltas(used_tokens, cost_usd).into_iter().flatten() {
+                    state.usage.add(&period, kind, delta);
+                }
+                if state.usage.has_pending() && !state.flush_scheduled {
+                    state.flush_scheduled = true;
+                    myself.send_after(USAGE_FLUSH_AFTER, || UserSessionMessage::FlushUsage(None));
+                }
+            }
+            UserSessionMessage::FlushUsage(reply) => {
+                state.flush_scheduled = false;
+                state.usage.flush(&*state.store, state.user_id).await;
+                if let Some(reply) = reply {
+                    let _ = reply.send(Ok(()));
+                }
             }
             UserSessionMessage::Subscribe(thread_id, reply) => {
                 let _ = reply.send(subscribe(state, thread_id).await);
@@ -692,10 +722,7 @@ async fn launch_turn(
         .get_thread(state.user_id, thread_id)
         .await?
         .ok_or(SessionError::NotFound)?;
-    let user = store
-        .get_user(state.user_id)
-        .await?
-        .ok_or(SessionError::NotFound)?;
+    let user = current_user(state).await?;
     let models = resolve_models(state, &send.models, &thread, &user)?;
     // Limits before anything is stored: a refused message changes nothing.
     for model in &models {
@@ -707,10 +734,11 @@ async fn launch_turn(
         .iter()
         .map(|m| count_tokens(m, &send.content) as u64 + u64::from(leg_max_tokens(&send, m)))
         .sum();
+    let held_now = held(state);
     *reservation = Some(
         state
             .quotas
-            .admit(&*store, &user, held(state), estimate)
+            .admit(&*store, &mut state.usage, &user, held_now, estimate)
             .await?,
     );
     let turn_id = Uuid::now_v7();
@@ -898,19 +926,26 @@ fn leg_max_tokens(send: &SendMessage, model: &Model) -> u32 {
 
 /// What live turns and open requests hold against the monthly limits.
 fn held(state: &UserSessionState) -> Held {
-    // A turn that logged `done` has already added its usage to the store (TurnFinished is on
-    // its way): counting its reservation too would count it twice.
+    // A live turn holds its reservation until `TurnFinished` puts its real usage in the book.
     let turns = state
         .turns
-        .iter()
-        .filter(|(turn_id, t)| {
-            !state
-                .logs
-                .get(&t.thread_id)
-                .is_some_and(|log| log.has_done(**turn_id))
-        })
-        .fold(Held::default(), |h, (_, t)| h.add(t.reservation.tokens));
+        .values()
+        .fold(Held::default(), |h, t| h.add(t.reservation.tokens));
     state.open.values().fold(turns, |h, tokens| h.add(*tokens))
+}
+
+/// The user row, from the session's copy (read once; changes come through this session).
+async fn current_user(state: &mut UserSessionState) -> Result<User, SessionError> {
+    if let Some(user) = &state.user {
+        return Ok(user.clone());
+    }
+    let user = state
+        .store
+        .get_user(state.user_id)
+        .await?
+        .ok_or(SessionError::NotFound)?;
+    state.user = Some(user.clone());
+    Ok(user)
 }
 
 /// `Admit`: one request to a model outside a thread.
@@ -919,25 +954,25 @@ async fn admit_request(
     model_id: &str,
     estimate: u64,
 ) -> Result<Reservation, SessionError> {
-    let user = state
-        .store
-        .get_user(state.user_id)
-        .await?
-        .ok_or(SessionError::NotFound)?;
+    let user = current_user(state).await?;
     let model = state.catalogue.get(model_id).ok_or_else(|| {
         SessionError::Invalid(format!("model `{model_id}` is unknown or not enabled"))
     })?;
     state
         .quotas
         .check_model(&user, model_id, &model.spec.tiers)?;
+    let held_now = held(state);
     let mut reservation = state
         .quotas
-        .admit(&*state.store, &user, held(state), estimate)
+        .admit(&*state.store, &mut state.usage, &user, held_now, estimate)
         .await?;
     state.open.insert(reservation.id, reservation.tokens);
     reservation.own_keys = own_keys(state).await;
     Ok(reservation)
 }
+
+/// How long `/v1` usage waits in the session before it is written (in one batch).
+const USAGE_FLUSH_AFTER: Duration = Duration::from_secs(1);
 
 /// The calendar month in UTC (`YYYY-MM`): the period of monthly usage counters.
 pub fn usage_period() -> String {
@@ -959,6 +994,17 @@ async fn turn_finished(
         .iter()
         .map(|r| (r.message.usage.input_tokens + r.message.usage.output_tokens).max(0) as u64)
         .sum();
+    // The turn wrote its usage to the store (turn.rs); the book counts it from now on.
+    let cost: f64 = results.iter().map(|r| r.message.cost_usd).sum();
+    let answered = results
+        .iter()
+        .any(|r| r.message.status != MessageStatus::Failed || !r.message.content.is_empty());
+    if answered {
+        for (kind, delta) in usage_deltas(used.max(1), cost).into_iter().flatten() {
+            let delta = if kind == "tokens" { used as i64 } else { delta };
+            state.usage.observe(&turn.reservation.period, kind, delta);
+        }
+    }
     state.quotas.settle(turn.reservation, used);
     if let Some((prompt, model)) = turn.title_from {
         let answered = results
