@@ -187,7 +187,7 @@ impl Behavior {
             (None, None) => true,
             (first, every) => {
                 first.is_some_and(|limit| count <= limit)
-                    || every.is_some_and(|n| n > 0 && count % n == 0)
+                    || every.is_some_and(|n| n > 0 && count.is_multiple_of(n))
             }
         }
     }
