@@ -299,12 +299,15 @@ async fn run_leg(
     let mut continuations = 0u32;
 
     let end = 'leg: loop {
-        // A continuation asks the next deployment to go on from the text so far.
+        // A continuation asks the next deployment to go on from the text so far. The prefix is
+        // sent without trailing whitespace: Anthropic refuses a final assistant message ending
+        // in whitespace (400), and a cut usually falls right after a word's space.
         let mut call = request.clone();
-        if !text.is_empty() {
+        let prefix = text.trim_end();
+        if !prefix.is_empty() {
             call.messages.push(ChatMessage {
                 role: ChatRole::Assistant,
-                content: text.clone(),
+                content: prefix.to_owned(),
             });
         }
         let mut on_failover = |failover: Failover| {
