@@ -19,6 +19,7 @@ mod messages;
 mod metrics;
 mod openai_compat;
 mod providers;
+mod routing;
 mod threads;
 mod validation;
 mod ws;
