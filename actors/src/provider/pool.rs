@@ -645,9 +645,9 @@ impl Pools {
                     .map(|t| t.saturating_duration_since(now))
                     .max();
                 let breaker = match live.breaker {
-                    BreakerState::Open => live
-                        .opened_at
-                        .map(|at| (at + self.policy.breaker.cooldown).saturating_duration_since(now)),
+                    BreakerState::Open => live.opened_at.map(|at| {
+                        (at + self.policy.breaker.cooldown).saturating_duration_since(now)
+                    }),
                     _ => None,
                 };
                 match (limited, breaker) {

@@ -193,14 +193,24 @@ where
                             let message = format!(
                                 "every deployment of {} is {} for {:.1}s",
                                 current.spec.id,
-                                if rate_limited { "rate limited" } else { "failing (breaker open)" },
+                                if rate_limited {
+                                    "rate limited"
+                                } else {
+                                    "failing (breaker open)"
+                                },
                                 wait.as_secs_f64()
                             );
                             let wait = Some(wait.max(Duration::from_secs(1)));
                             last_error = Some(if rate_limited {
-                                ProviderError::RateLimited { retry_after: wait, message }
+                                ProviderError::RateLimited {
+                                    retry_after: wait,
+                                    message,
+                                }
                             } else {
-                                ProviderError::Overloaded { retry_after: wait, message }
+                                ProviderError::Overloaded {
+                                    retry_after: wait,
+                                    message,
+                                }
                             });
                         }
                         _ => {}
