@@ -20,6 +20,7 @@ mod metrics;
 mod openai_compat;
 mod providers;
 mod quota;
+mod routing;
 mod threads;
 mod validation;
 mod ws;

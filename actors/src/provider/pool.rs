@@ -173,8 +173,10 @@ pub struct Deployment {
     live: Mutex<Live>,
 }
 
-/// Latency assumed before a deployment's first success, so new deployments get traffic.
-const INITIAL_LATENCY_MS: f64 = 500.0;
+/// Latency assumed before a deployment's first success: optimistic, so a new (or restarted)
+/// deployment is tried and then judged by what it really does. A pessimistic start would starve
+/// it next to fast peers: only successes update the estimate.
+const INITIAL_LATENCY_MS: f64 = 1.0;
 /// Weight of the newest sample in the latency EWMA.
 const EWMA_ALPHA: f64 = 0.2;
 

@@ -299,12 +299,15 @@ async fn run_leg(
     let mut continuations = 0u32;
 
     let end = 'leg: loop {
-        // A continuation asks the next deployment to go on from the text so far.
+        // A continuation asks the next deployment to go on from the text so far. The prefix is
+        // sent without trailing whitespace: Anthropic refuses a final assistant message ending
+        // in whitespace (400), and a cut usually falls right after a word's space.
         let mut call = request.clone();
-        if !text.is_empty() {
+        let prefix = text.trim_end();
+        if !prefix.is_empty() {
             call.messages.push(ChatMessage {
                 role: ChatRole::Assistant,
-                content: text.clone(),
+                content: prefix.to_owned(),
             });
         }
         let mut on_failover = |failover: Failover| {
@@ -473,12 +476,6 @@ async fn run_leg(
         LegEnd::Cancelled => (MessageStatus::Interrupted, None, None),
         LegEnd::Failed(error) => (MessageStatus::Failed, None, Some(error)),
     };
-    if ttft.is_none() {
-        match &error {
-            Some(e) => lock_gate(ctx).failed_before_output(e),
-            None => lock_gate(ctx).started(),
-        }
-    }
     let cost = billed_model.cost_usd(usage.input_tokens, usage.output_tokens);
     let latency_ms = started.elapsed().as_millis() as i64;
     message.content = text;
@@ -499,6 +496,13 @@ async fn run_leg(
     if let Err(e) = ctx.store.update_message(&message).await {
         // The row stays `streaming`; the session's reaper settles it on restart.
         tracing::error!(error = %e, %message_id, "storing the assistant message failed");
+    }
+    // Told after the message is stored: an edge answering 502 on this may be read back at once.
+    if ttft.is_none() {
+        match &error {
+            Some(e) => lock_gate(ctx).failed_before_output(e),
+            None => lock_gate(ctx).started(),
+        }
     }
     if let Some(error) = &error {
         ctx.log.append(

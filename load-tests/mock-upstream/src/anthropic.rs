@@ -133,6 +133,16 @@ pub fn parse(body: &Value) -> Result<Request<'_>, ErrorReply> {
             last_user = Some(content);
         }
     }
+    // A final assistant message is a prefill the answer continues; the real API refuses one
+    // that ends in whitespace.
+    if let Some(last) = messages.last()
+        && last.get("role").and_then(Value::as_str) == Some("assistant")
+        && ends_with_whitespace(last.get("content").unwrap_or(&Value::Null))
+    {
+        return Err(invalid_request(
+            "messages: final assistant content cannot end with trailing whitespace",
+        ));
+    }
     let mut echo = Vec::new();
     if let Some(content) = last_user {
         text::push_words(content, &mut echo);
@@ -145,6 +155,19 @@ pub fn parse(body: &Value) -> Result<Request<'_>, ErrorReply> {
         stream: object.get("stream").and_then(Value::as_bool) == Some(true),
         include_usage: false,
     })
+}
+
+/// Whether message content (a string or blocks) ends in whitespace: its last text does.
+fn ends_with_whitespace(content: &Value) -> bool {
+    let last_text = match content {
+        Value::String(text) => Some(text.as_str()),
+        Value::Array(blocks) => blocks
+            .last()
+            .and_then(|block| block.get("text"))
+            .and_then(Value::as_str),
+        _ => None,
+    };
+    last_text.is_some_and(|text| text.ends_with(char::is_whitespace))
 }
 
 #[derive(Serialize)]

@@ -87,6 +87,8 @@ pub struct RecordedRequest {
     pub headers: Vec<(String, String)>,
     /// The JSON body; `Null` if empty, a JSON string holding the raw text if not JSON.
     pub body: serde_json::Value,
+    /// When the request (headers and body) had been read.
+    pub received_at: std::time::Instant,
 }
 
 impl RecordedRequest {
@@ -239,7 +241,7 @@ impl MockUpstream {
         Ok(())
     }
 
-    /// Resets the `fail_first` counters.
+    /// Resets the `fail_first` / `fail_every` counters.
     pub fn reset_fail_counts(&self) {
         if let Ok(mut counts) = self.state.fail_counts.lock() {
             counts.clear();

@@ -63,6 +63,9 @@ pub struct Behavior {
     pub hang: Option<bool>,
     /// Apply the failure switches only to the first N requests for this exact model string.
     pub fail_first: Option<u64>,
+    /// Apply the failure switches only to every N-th request (the N-th, 2N-th, …) for this exact
+    /// model string: a deterministic failure rate of 1/N.
+    pub fail_every: Option<u64>,
     /// Embedding dimension for `/v1/embeddings`.
     pub dims: Option<usize>,
 }
@@ -110,6 +113,13 @@ impl Behavior {
             "cut_after" => self.cut_after = Some(number(key, value)?),
             "hang" => self.hang = Some(flag(key, value)?),
             "fail_first" => self.fail_first = Some(number(key, value)?),
+            "fail_every" => {
+                let every: u64 = number(key, value)?;
+                if every == 0 {
+                    return Err(OptionsError("fail_every must be at least 1".into()));
+                }
+                self.fail_every = Some(every);
+            }
             "dims" | "dimensions" => {
                 let dims: usize = number(key, value)?;
                 if dims == 0 || dims > 65_536 {
@@ -140,6 +150,7 @@ impl Behavior {
         take(&mut self.cut_after, other.cut_after);
         take(&mut self.hang, other.hang);
         take(&mut self.fail_first, other.fail_first);
+        take(&mut self.fail_every, other.fail_every);
         take(&mut self.dims, other.dims);
     }
 
@@ -169,7 +180,19 @@ impl Behavior {
             || self.hang == Some(true)
     }
 
-    /// Clears every failure switch (used once `fail_first` is exhausted).
+    /// Whether the `count`-th request (1-based) for a model string gets the failure switches,
+    /// given `fail_first` and `fail_every` (either gates in; neither set: every request).
+    pub fn fails_at(&self, count: u64) -> bool {
+        match (self.fail_first, self.fail_every) {
+            (None, None) => true,
+            (first, every) => {
+                first.is_some_and(|limit| count <= limit)
+                    || every.is_some_and(|n| n > 0 && count.is_multiple_of(n))
+            }
+        }
+    }
+
+    /// Clears every failure switch (used for the requests `fail_first` / `fail_every` spare).
     pub fn clear_failures(&mut self) {
         self.error = None;
         self.error_after = None;
@@ -260,6 +283,21 @@ mod tests {
             Behavior::parse("error=context").unwrap().error,
             Some(Failure::ContextLength)
         );
+    }
+
+    #[test]
+    fn fail_every_gates_every_nth_request() {
+        let every = Behavior::parse("fail_every=3;error=500").unwrap();
+        assert_eq!(every.fail_every, Some(3));
+        let failing: Vec<u64> = (1..=9).filter(|n| every.fails_at(*n)).collect();
+        assert_eq!(failing, [3, 6, 9]);
+        assert!((1..=4).all(|n| Behavior::parse("fail_every=1").unwrap().fails_at(n)));
+        // Combined with fail_first: the first N, then every M-th.
+        let both = Behavior::parse("fail_first=2;fail_every=4").unwrap();
+        let failing: Vec<u64> = (1..=8).filter(|n| both.fails_at(*n)).collect();
+        assert_eq!(failing, [1, 2, 4, 8]);
+        assert!(Behavior::parse("fail_every=0").is_err());
+        assert!(Behavior::parse("fail_every=x").is_err());
     }
 
     #[test]

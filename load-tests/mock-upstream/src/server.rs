@@ -76,6 +76,7 @@ impl State {
                 None if body.is_empty() => Value::Null,
                 None => Value::String(String::from_utf8_lossy(body).into_owned()),
             },
+            received_at: std::time::Instant::now(),
         };
         if let Ok(mut recorded) = recorded.lock() {
             if recorded.len() >= self.max_recorded {
@@ -327,7 +328,7 @@ fn resolve(state: &State, model: &str, headers: &HeaderMap) -> Result<Behavior, 
         behavior.apply_list(options).map_err(|e| e.to_string())?;
     }
     behavior.apply_headers(headers).map_err(|e| e.to_string())?;
-    if let Some(limit) = behavior.fail_first {
+    if behavior.fail_first.is_some() || behavior.fail_every.is_some() {
         let count = match state.fail_counts.lock() {
             Ok(mut counts) => {
                 let count = counts.entry(model.to_owned()).or_insert(0);
@@ -336,10 +337,12 @@ fn resolve(state: &State, model: &str, headers: &HeaderMap) -> Result<Behavior, 
             }
             Err(_) => u64::MAX,
         };
-        if count > limit {
+        if behavior.fails_at(count) {
+            if !behavior.has_failure() {
+                behavior.error = Some(Failure::Status(503));
+            }
+        } else {
             behavior.clear_failures();
-        } else if !behavior.has_failure() {
-            behavior.error = Some(Failure::Status(503));
         }
     }
     Ok(behavior)

@@ -194,4 +194,22 @@ async fn requires_key_version_and_max_tokens() {
         error,
         json!({"type": "error", "error": {"type": "invalid_request_error", "message": "max_tokens: Field required"}})
     );
+
+    // A final assistant message (a prefill) must not end in whitespace; without it, it is fine.
+    let mut prefill = body.clone();
+    let messages = prefill["messages"].as_array_mut().unwrap();
+    messages.push(json!({"role": "assistant", "content": "The answer is "}));
+    let response = anthropic(&mock, prefill.clone()).await;
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(
+        error["error"]["message"],
+        "messages: final assistant content cannot end with trailing whitespace"
+    );
+    prefill["messages"]
+        .as_array_mut()
+        .unwrap()
+        .last_mut()
+        .unwrap()["content"] = json!([{"type": "text", "text": "The answer is"}]);
+    assert_eq!(anthropic(&mock, prefill).await.status(), 200);
 }

@@ -430,6 +430,30 @@ async fn fail_first_fails_then_succeeds_per_model_string() {
 }
 
 #[tokio::test]
+async fn fail_every_fails_each_nth_request_per_model_string() {
+    let mock = start().await;
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(
+            send(
+                &mock,
+                Dialect::OpenAi,
+                "a;fail_every=2;error=500",
+                "x",
+                false,
+            )
+            .await
+            .status()
+            .as_u16(),
+        );
+    }
+    assert_eq!(statuses, [200, 500, 200, 500, 200, 500]);
+    // Without a failure switch it is a 503, like fail_first; another model string counts alone.
+    let other = send(&mock, Dialect::OpenAi, "a;fail_every=1", "x", false).await;
+    assert_eq!(other.status().as_u16(), 503);
+}
+
+#[tokio::test]
 async fn ttft_and_delay_hold_the_answer_back() {
     let mock = start().await;
     let started = Instant::now();
