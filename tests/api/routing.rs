@@ -645,6 +645,14 @@ async fn a_breaker_opens_probes_after_its_cool_down_and_closes_on_success() {
         "the open-breaker turns must run within the 1 s cool-down for this test to mean anything"
     );
     assert_eq!(setup.calls("ga").len(), 2, "no calls to an open deployment");
+    // The admin view shows it: A open and unhealthy, B closed and serving.
+    let admin = setup.app.register_admin().await;
+    let view = deployment_views(&setup, admin.token()).await;
+    assert_eq!(view["guard-a"]["breaker"], "open", "{view:#?}");
+    assert_eq!(view["guard-a"]["healthy"], false);
+    assert_eq!(view["guard-a"]["consecutive_failures"], 2);
+    assert_eq!(view["guard-b"]["breaker"], "closed");
+    assert_eq!(view["guard-b"]["healthy"], true);
 
     // After the cool-down one probe goes to A; it fails, so the breaker opens again.
     tokio::time::sleep(Duration::from_millis(1300)).await;
@@ -677,6 +685,45 @@ async fn a_breaker_opens_probes_after_its_cool_down_and_closes_on_success() {
         assert_eq!(setup.calls("ga").len(), n);
     }
     assert_eq!(setup.calls("gb").len(), 6);
+    let view = deployment_views(&setup, admin.token()).await;
+    assert_eq!(view["guard-a"]["breaker"], "closed", "{view:#?}");
+    assert_eq!(view["guard-a"]["consecutive_failures"], 0);
+    // Non-admins do not see the pools.
+    let response = setup.app.get("/api/v1/admin/providers", token).await;
+    assert_eq!(response.status(), 403);
+    // The metrics count calls by outcome.
+    let metrics = setup
+        .app
+        .request(reqwest::Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("provider_calls_total")
+                && l.contains("deployment=\"guard-a\"")
+                && l.contains("outcome=\"server_error\"")
+                && l.ends_with(" 3")),
+        "{metrics}"
+    );
+}
+
+/// `GET /api/v1/admin/providers` as `{deployment id: deployment}`.
+async fn deployment_views(setup: &Setup, admin_token: &str) -> serde_json::Map<String, Value> {
+    let response = setup.app.get("/api/v1/admin/providers", admin_token).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    body["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["deployments"].as_array().unwrap().iter())
+        .map(|d| (d["id"].as_str().unwrap().to_owned(), d.clone()))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -780,6 +827,71 @@ async fn a_users_own_provider_key_is_used_for_their_turns_only() {
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].header("x-api-key"), Some(anthropic_key));
     }
-    // Per-deployment rpm/tpm buckets are not wired in the server yet (the pools get no
-    // buckets), so that a BYOK call leaves a shared deployment's rpm alone is not testable here.
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_keys_leave_a_shared_deployments_rate_limit_alone() {
+    let models = [model_toml(
+        "metered",
+        "",
+        &[Dep {
+            extra: "rpm = 2",
+            ..dep("metered-a", "openai", "me", 0)
+        }],
+    )];
+    let setup = setup(&models, &[]).await;
+    let owner = setup.app.register_user().await;
+    let shared = setup.app.register_user().await;
+    let response = setup
+        .app
+        .request(reqwest::Method::PUT, "/api/v1/me/provider-keys/openai")
+        .bearer_auth(owner.token())
+        .json(&json!({ "api_key": "sk-user-own-openai" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+
+    // Three turns on the owner's key: more than the deployment's 2 per minute, none counted.
+    for _ in 0..3 {
+        let turn = setup.turn(owner.token(), "metered").await;
+        assert_eq!(turn.complete()["status"], "complete");
+    }
+    let admin = setup.app.register_admin().await;
+    let view = deployment_views(&setup, admin.token()).await;
+    assert_eq!(
+        view["metered-a"]["bucket_levels"]["requests_remaining"], 2,
+        "{view:#?}"
+    );
+    // The shared key still has the deployment's whole minute.
+    for _ in 0..2 {
+        let turn = setup.turn(shared.token(), "metered").await;
+        assert_eq!(turn.complete()["status"], "complete");
+    }
+    let view = deployment_views(&setup, admin.token()).await;
+    assert_eq!(view["metered-a"]["bucket_levels"]["requests_remaining"], 0);
+    let calls = setup.calls("me");
+    assert_eq!(calls.len(), 5);
+    let shared_calls = calls
+        .iter()
+        .filter(|c| c.header("authorization") == Some(format!("Bearer {MOCK_OPENAI_KEY}").as_str()))
+        .count();
+    assert_eq!(shared_calls, 2);
+    // A third shared call finds the deployment's minute used up: refused, not sent.
+    let response = setup
+        .app
+        .request(
+            reqwest::Method::POST,
+            &format!(
+                "/api/v1/threads/{}/messages",
+                setup.thread(shared.token()).await
+            ),
+        )
+        .bearer_auth(shared.token())
+        .json(&json!({ "content": "one more", "models": ["metered"], "stream": false }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429, "{}", response.text().await.unwrap());
+    assert_eq!(setup.calls("me").len(), 5);
 }

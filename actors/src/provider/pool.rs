@@ -29,6 +29,7 @@ use serde::Serialize;
 use super::{Provider, ProviderError};
 use crate::metrics::metrics;
 use crate::quota::{BucketSpec, TokenBuckets};
+use prometheus::IntCounter;
 
 /// Retries, failover and breaker settings (`[routing]` in chorus.toml).
 #[derive(Debug, Clone, PartialEq)]
@@ -110,6 +111,7 @@ impl BreakerState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SelectReason {
+    // The order indexes `Deployment::selected`.
     /// The only available deployment of the best priority.
     Only,
     /// The thread's previous deployment, still healthy (prompt-cache affinity).
@@ -171,6 +173,10 @@ pub struct Deployment {
     pub provider: Arc<dyn Provider>,
     in_flight: AtomicU32,
     live: Mutex<Live>,
+    /// `provider_selections_total` series by [`SelectReason`], resolved once (hot path).
+    selected: [Option<IntCounter>; 4],
+    /// `provider_calls_total{outcome="success"}`, resolved once.
+    succeeded: Option<IntCounter>,
 }
 
 /// Latency assumed before a deployment's first success: optimistic, so a new (or restarted)
@@ -182,7 +188,26 @@ const EWMA_ALPHA: f64 = 0.2;
 
 impl Deployment {
     pub fn new(config: DeploymentConfig, provider: Arc<dyn Provider>) -> Self {
+        let labels = |reason: SelectReason| {
+            metrics().provider_selections_total.child([
+                &config.provider_id,
+                &config.id,
+                reason.as_str(),
+            ])
+        };
+        let selected = [
+            labels(SelectReason::Only),
+            labels(SelectReason::Affinity),
+            labels(SelectReason::LeastLoad),
+            labels(SelectReason::Probe),
+        ];
+        let succeeded =
+            metrics()
+                .provider_calls_total
+                .child([&config.provider_id, &config.id, "success"]);
         Deployment {
+            selected,
+            succeeded,
             config,
             provider,
             in_flight: AtomicU32::new(0),
@@ -451,6 +476,9 @@ impl Lease {
             self.settled = true;
             self.deployment
                 .record(&self.policy, latency, None, self.probe);
+            if let Some(counter) = &self.deployment.succeeded {
+                counter.inc();
+            }
         }
     }
 
@@ -562,11 +590,9 @@ impl Pools {
                 continue;
             }
             deployment.in_flight.fetch_add(1, Ordering::Relaxed);
-            metrics().provider_selections_total.inc([
-                &deployment.config.provider_id,
-                &deployment.config.id,
-                reason.as_str(),
-            ]);
+            if let Some(counter) = &deployment.selected[reason as usize] {
+                counter.inc();
+            }
             if probe {
                 deployment.live().probes_in_flight += 1;
             }
