@@ -3,6 +3,7 @@
 //! that do not include a model.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{Datelike, TimeZone, Utc};
 use reqwest::StatusCode;
@@ -97,6 +98,39 @@ async fn send(app: &TestApp, token: &str, thread: &str, text: &str) -> reqwest::
         &json!({ "content": text, "stream": false, "max_tokens": 32 }),
     )
     .await
+}
+
+#[tokio::test]
+async fn a_rate_limited_user_gets_through_after_the_retry_after() {
+    // 30 a minute: the bucket refills one request every 2 s.
+    let (app, _tiers) = app_with(30, "").await;
+    let user = app.register_user().await;
+    let token = user.token();
+    let thread = id_of(
+        &app.create_thread(token, &json!({ "model": "mock-echo" }))
+            .await,
+    );
+    let mut sent = 0;
+    let refused = loop {
+        let response = send(&app, token, &thread, "hi").await;
+        if response.status() == StatusCode::TOO_MANY_REQUESTS {
+            break response;
+        }
+        assert_eq!(response.status(), StatusCode::OK);
+        sent += 1;
+        assert!(sent <= 30, "the bucket holds 30");
+    };
+    assert_eq!(sent, 30);
+    let retry_after = header(refused.headers(), "retry-after");
+    assert!((1..=2).contains(&retry_after), "Retry-After {retry_after}");
+    tokio::time::sleep(Duration::from_millis(retry_after * 1000 + 200)).await;
+    let response = send(&app, token, &thread, "again").await;
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "after Retry-After the request passes"
+    );
+    assert_eq!(header(response.headers(), "x-ratelimit-remaining"), 0);
 }
 
 #[tokio::test]
