@@ -65,21 +65,10 @@ capabilities = ["chat", "stream"]
 tiers = ["free"]
 max_output_tokens = 100000
 TOML
-# Benchmarks measure the server, not a plan: one tier with limits no run reaches.
-cat > "$WORK/tiers.toml" <<'TOML'
-default_tier = "free"
-[tiers.free]
-name = "Benchmark"
-requests_per_minute = 1000000000
-tokens_per_minute = 1000000000000
-models = ["*"]
-files_per_request = 10
-upload_max_bytes = 10485760
-TOML
 
 PORT=$(free_port)
 B="http://127.0.0.1:$PORT"
-OPENAI_API_KEY=bench CHORUS__MODELS_FILE="$WORK/models.toml" CHORUS__TIERS_FILE="$WORK/tiers.toml" \
+OPENAI_API_KEY=bench CHORUS__MODELS_FILE="$WORK/models.toml" CHORUS__TIERS_FILE="$PWD/load-tests/bench-tiers.toml" \
 CHORUS__DATA_DIR="$WORK/data" \
 CHORUS__SERVER__BIND="127.0.0.1:$PORT" CHORUS__LOG__LEVEL=warn \
 CHORUS__AUTH__JWT_SECRET="bench-secret-bench-secret-bench-secret" "$BIN" serve 2>"$WORK/chorus.log" &

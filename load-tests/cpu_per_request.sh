@@ -45,19 +45,8 @@ capabilities = ["chat"]
 tiers = ["free"]
 max_output_tokens = 256
 TOML
-# Benchmarks measure the server, not a plan: one tier with limits no run reaches.
-cat > $W/tiers.toml <<'TOML'
-default_tier = "free"
-[tiers.free]
-name = "Benchmark"
-requests_per_minute = 1000000000
-tokens_per_minute = 1000000000000
-models = ["*"]
-files_per_request = 10
-upload_max_bytes = 10485760
-TOML
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-OPENAI_API_KEY=bench CHORUS__MODELS_FILE=$W/models.toml CHORUS__TIERS_FILE=$W/tiers.toml CHORUS__DATA_DIR=$W/data CHORUS__SERVER__BIND=127.0.0.1:$PORT CHORUS__LOG__LEVEL=warn CHORUS__AUTH__JWT_SECRET=bench-secret-bench-secret-bench-secret ${BIN:-target/release/chorus} serve 2>$W/chorus.log &
+OPENAI_API_KEY=bench CHORUS__MODELS_FILE=$W/models.toml CHORUS__TIERS_FILE="$PWD/load-tests/bench-tiers.toml" CHORUS__DATA_DIR=$W/data CHORUS__SERVER__BIND=127.0.0.1:$PORT CHORUS__LOG__LEVEL=warn CHORUS__AUTH__JWT_SECRET=bench-secret-bench-secret-bench-secret ${BIN:-target/release/chorus} serve 2>$W/chorus.log &
 PID=$!
 trap 'kill -TERM $PID $MOCK_PID 2>/dev/null || true; rm -rf $W' EXIT
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null && break; sleep 0.1; done

@@ -85,25 +85,13 @@ TOML
   model flaky flaky-c 'up-c;fail_every=2;error=500' 0 flaky-a up-a 1 flaky-b up-b 1
 } > "$WORK/models.toml"
 
-# Per-user limits out of the way: this measures routing, not quotas.
-cat > "$WORK/tiers.toml" <<'TOML'
-default_tier = "free"
-[tiers.free]
-name = "Bench"
-requests_per_minute = 100000000
-tokens_per_minute = 100000000000
-models = ["*"]
-files_per_request = 3
-upload_max_bytes = 10485760
-[tiers.free.monthly]
-TOML
 
 start_chorus() { # extra env assignments
   local port
   port=$(free_port)
   B="http://127.0.0.1:$port"
   env OPENAI_API_KEY=bench CHORUS__MODELS_FILE="$WORK/models.toml" \
-    CHORUS__TIERS_FILE="$WORK/tiers.toml" CHORUS__DATA_DIR="$WORK/data-$port" \
+    CHORUS__TIERS_FILE="$PWD/load-tests/bench-tiers.toml" CHORUS__DATA_DIR="$WORK/data-$port" \
     CHORUS__SERVER__BIND="127.0.0.1:$port" CHORUS__LOG__LEVEL=warn \
     CHORUS__AUTH__JWT_SECRET="bench-secret-bench-secret-bench-secret" "$@" \
     "$BIN" serve 2>"$WORK/chorus.log" &

@@ -16,8 +16,8 @@ use chorus_actors::quota::{LocalBuckets, RedisBuckets, TokenBuckets};
 use common::redis_server::RedisServer;
 use futures_util::future::join_all;
 
-/// One mock model with one deployment limited to `rpm` requests per minute.
-fn catalogue(rpm: u64, buckets: Arc<dyn TokenBuckets>) -> Catalogue {
+/// One mock model whose one deployment (`deployment_id`) takes `rpm` requests per minute.
+fn catalogue_with(deployment_id: &str, rpm: u64, buckets: Arc<dyn TokenBuckets>) -> Catalogue {
     let file = CatalogueFile {
         providers: [(
             "mock".to_owned(),
@@ -43,7 +43,7 @@ fn catalogue(rpm: u64, buckets: Arc<dyn TokenBuckets>) -> Catalogue {
             tiers: vec!["free".into()],
             max_output_tokens: 64,
             deployments: vec![DeploymentSpec {
-                id: Some(format!("limited-{}", uuid::Uuid::new_v4().simple())),
+                id: Some(deployment_id.to_owned()),
                 provider: "mock".into(),
                 upstream: None,
                 base_url: None,
@@ -63,8 +63,12 @@ fn catalogue(rpm: u64, buckets: Arc<dyn TokenBuckets>) -> Catalogue {
     Catalogue::build_with(&file, &|_| None, RoutingPolicy::default(), Some(buckets)).unwrap()
 }
 
-/// How many of `n` concurrent selections across `catalogues` get a deployment. Each catalogue
-/// gets its own copy of the model: the deployment id (the bucket key) is the same one.
+/// A deployment id no other test (or earlier run against the same Redis) uses.
+fn fresh_id() -> String {
+    format!("limited-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// How many of `n` concurrent selections across `catalogues` get a deployment.
 async fn admitted(catalogues: &[Catalogue], n: usize) -> usize {
     let calls = (0..n).map(|i| {
         let catalogue = &catalogues[i % catalogues.len()];
@@ -80,44 +84,10 @@ async fn admitted(catalogues: &[Catalogue], n: usize) -> usize {
     join_all(calls).await.into_iter().filter(|ok| *ok).count()
 }
 
-/// Two catalogues whose deployment has the same id, as on two nodes reading one models.toml.
-fn twins(rpm: u64, a: Arc<dyn TokenBuckets>, b: Arc<dyn TokenBuckets>) -> Vec<Catalogue> {
-    let first = catalogue(rpm, a);
-    let id = first.get("limited").unwrap().deployments[0]
-        .config
-        .id
-        .clone();
-    let second = rebuild_with_id(rpm, &id, catalogue(rpm, b));
-    vec![first, second]
-}
-
-fn rebuild_with_id(rpm: u64, id: &str, built: Catalogue) -> Catalogue {
-    let buckets = built.pools().buckets().cloned().unwrap();
-    let mut file_model = built.get("limited").unwrap().spec.clone();
-    file_model.deployments[0].id = Some(id.to_owned());
-    file_model.deployments[0].rpm = Some(rpm);
-    let file = CatalogueFile {
-        providers: [(
-            "mock".to_owned(),
-            ProviderSpec {
-                kind: "mock".into(),
-                base_url: None,
-                api_key_env: None,
-                base_url_env: None,
-                enabled_by_env: None,
-            },
-        )]
-        .into_iter()
-        .collect(),
-        models: vec![file_model],
-    };
-    Catalogue::build_with(&file, &|_| None, RoutingPolicy::default(), Some(buckets)).unwrap()
-}
-
 #[tokio::test]
 async fn a_deployment_admits_exactly_its_rpm_in_process() {
     let buckets: Arc<dyn TokenBuckets> = Arc::new(LocalBuckets::new());
-    let catalogue = catalogue(10, buckets);
+    let catalogue = catalogue_with(&fresh_id(), 10, buckets);
     assert_eq!(admitted(std::slice::from_ref(&catalogue), 100).await, 10);
     let snapshot = catalogue.pools().snapshot().await;
     let levels = snapshot[0].deployments[0].bucket_levels.clone().unwrap();
@@ -139,7 +109,12 @@ async fn two_nodes_pools_sharing_redis_admit_exactly_the_rpm_together() {
         );
         buckets
     };
-    let nodes = twins(10, connect().await, connect().await);
+    // Two nodes reading one models.toml: the same deployment id, each with its own connection.
+    let id = fresh_id();
+    let nodes = vec![
+        catalogue_with(&id, 10, connect().await),
+        catalogue_with(&id, 10, connect().await),
+    ];
     assert_eq!(
         admitted(&nodes, 100).await,
         10,
@@ -148,8 +123,8 @@ async fn two_nodes_pools_sharing_redis_admit_exactly_the_rpm_together() {
 
     // Each node on its own buckets would have admitted 10 each: the sharing is what holds it.
     let apart = vec![
-        catalogue(10, Arc::new(LocalBuckets::new())),
-        catalogue(10, Arc::new(LocalBuckets::new())),
+        catalogue_with(&id, 10, Arc::new(LocalBuckets::new())),
+        catalogue_with(&id, 10, Arc::new(LocalBuckets::new())),
     ];
     assert_eq!(admitted(&apart, 100).await, 20);
 }
