@@ -26,6 +26,7 @@ use super::{
     NewThread, ProfilePatch, SendMessage, SessionError, ThreadPatch, TierRoleChange, TurnStarted,
 };
 use crate::provider::catalogue::{Catalogue, Model};
+use crate::provider::routing::{self, RouteOptions};
 use crate::provider::{ChatMessage, ChatRequest, ChatRole, KeyOpener};
 use crate::store::{
     ApiKey, Message, MessageQuery, MessageRole, MessageStatus, Order, ProviderKey, Store, Summary,
@@ -1011,7 +1012,13 @@ async fn turn_finished(
             .iter()
             .any(|r| r.message.status == MessageStatus::Complete);
         if answered {
-            spawn_title_generation(myself.clone(), thread_id, prompt, model);
+            spawn_title_generation(
+                myself.clone(),
+                state.catalogue.clone(),
+                thread_id,
+                prompt,
+                model,
+            );
         }
     }
     // Summaries due after this turn are computed off the mailbox (a provider call can take
@@ -1034,10 +1041,20 @@ async fn turn_finished(
     }
 }
 
+/// Routing for background calls (titles, summaries): the pools' choice and failover, no
+/// affinity, the default first-token deadline, the shared keys.
+fn background_route() -> RouteOptions {
+    RouteOptions {
+        first_token_timeout: TurnTimeouts::default().first_token,
+        ..RouteOptions::default()
+    }
+}
+
 /// Asks the model for a short title off the session's mailbox; the answer comes back as a
 /// message so the write is still serialized here.
 fn spawn_title_generation(
     session: ActorRef<UserSessionMessage>,
+    catalogue: Arc<Catalogue>,
     thread_id: Uuid,
     prompt: String,
     model: Model,
@@ -1058,7 +1075,15 @@ fn spawn_title_generation(
             max_tokens: Some(20),
             temperature: Some(0.2),
         };
-        match model.provider.complete(request).await {
+        let routed = routing::complete(
+            &catalogue,
+            &model,
+            &request,
+            &background_route(),
+            &mut |_| {},
+        )
+        .await;
+        match routed.map(|r| r.value) {
             Ok(done) => {
                 let title = done.text.trim().trim_matches('"').trim().to_owned();
                 if !title.is_empty() {
@@ -1192,12 +1217,17 @@ async fn compute_summary(
             max_tokens: Some(400),
             temperature: Some(0.2),
         };
-        model
-            .provider
-            .complete(request)
-            .await
-            .map_err(SessionError::Provider)?
-            .text
+        routing::complete(
+            &catalogue,
+            &model,
+            &request,
+            &background_route(),
+            &mut |_| {},
+        )
+        .await
+        .map_err(SessionError::Provider)?
+        .value
+        .text
     };
     let summary = Summary {
         user_id,
