@@ -140,6 +140,8 @@ pub struct Model {
     pub provider: Arc<dyn Provider>,
     /// Enabled deployments, in file order.
     pub deployments: Vec<Arc<Deployment>>,
+    /// OpenAI's tokenizer for this model, resolved once (`None`: counted by estimate).
+    pub tokenizer: Option<&'static tiktoken_rs::CoreBPE>,
 }
 
 impl Model {
@@ -363,11 +365,17 @@ impl Catalogue {
                 continue;
             };
             by_id.insert(spec.id.clone(), models.len());
+            // Looked up once here: a failed lookup per request costs an error (and, with
+            // RUST_BACKTRACE set, a backtrace) on the hot path.
+            let tokenizer = (first.config.provider_id == "openai")
+                .then(|| tiktoken_rs::bpe_for_model(&spec.upstream).ok())
+                .flatten();
             models.push(Model {
                 spec: spec.clone(),
                 provider_id: first.config.provider_id.clone(),
                 provider: first.provider.clone(),
                 deployments,
+                tokenizer,
             });
         }
         let pools = by_provider

@@ -19,12 +19,10 @@ const MESSAGE_OVERHEAD: usize = 4;
 
 /// Counts tokens of `text` as `model` would.
 pub fn count_tokens(model: &Model, text: &str) -> usize {
-    if model.provider_id == "openai"
-        && let Ok(bpe) = tiktoken_rs::bpe_for_model(&model.spec.upstream)
-    {
-        return bpe.encode_ordinary(text).len();
+    match model.tokenizer {
+        Some(bpe) => bpe.encode_ordinary(text).len(),
+        None => text.len().div_ceil(4),
     }
-    text.len().div_ceil(4)
 }
 
 /// What went into a request, for logs and the `status` event.
@@ -150,6 +148,7 @@ mod tests {
             provider_id: "mock".into(),
             provider: Arc::new(MockProvider),
             deployments: Vec::new(),
+            tokenizer: None,
         }
     }
 
