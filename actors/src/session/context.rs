@@ -234,6 +234,7 @@ mod tests {
         let mut gpt = model(1000);
         gpt.provider_id = "openai".into();
         gpt.spec.upstream = "gpt-4o".into();
+        gpt.tokenizer = tiktoken_rs::bpe_for_model("gpt-4o").ok();
         // "hello world" is two tokens in o200k_base; the byte estimate would say 3.
         assert_eq!(count_tokens(&gpt, "hello world"), 2);
         assert_eq!(count_tokens(&model(1000), "hello world"), 3);
