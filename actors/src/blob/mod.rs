@@ -62,7 +62,10 @@ impl std::fmt::Debug for S3Config {
             .field("bucket", &self.bucket)
             .field("endpoint", &self.endpoint)
             .field("region", &self.region)
-            .field("access_key_id", &self.access_key_id.as_ref().map(|_| "<set>"))
+            .field(
+                "access_key_id",
+                &self.access_key_id.as_ref().map(|_| "<set>"),
+            )
             .field(
                 "secret_access_key",
                 &self.secret_access_key.as_ref().map(|_| "<redacted>"),
@@ -107,9 +110,7 @@ impl BlobStore {
                     BlobError::Config(format!("creating blob root {}: {e}", root.display()))
                 })?;
                 let store = LocalFileSystem::new_with_prefix(root)
-                    .map_err(|e| {
-                        BlobError::Config(format!("blob root {}: {e}", root.display()))
-                    })?
+                    .map_err(|e| BlobError::Config(format!("blob root {}: {e}", root.display())))?
                     .with_automatic_cleanup(true);
                 Ok(BlobStore {
                     inner: Arc::new(store),
@@ -283,9 +284,15 @@ mod tests {
         let mut writer = store.writer(&key).await.unwrap();
         writer.write(b"hello ").await.unwrap();
         writer.write(b"world").await.unwrap();
-        assert!(!store.exists(&key).await.unwrap(), "visible only once finished");
+        assert!(
+            !store.exists(&key).await.unwrap(),
+            "visible only once finished"
+        );
         assert_eq!(writer.finish().await.unwrap(), 11);
-        assert_eq!(store.get(&key).await.unwrap(), Bytes::from_static(b"hello world"));
+        assert_eq!(
+            store.get(&key).await.unwrap(),
+            Bytes::from_static(b"hello world")
+        );
         let file = root.join(&key);
         assert!(file.is_file(), "{}", file.display());
 

@@ -538,8 +538,7 @@ mod tests {
     fn assert_slices(extracted: &Extracted, drafts: &[ChunkDraft]) {
         let full: Vec<char> = full_text(extracted).chars().collect();
         for d in drafts {
-            let slice: String = full
-                [d.position.char_start as usize..d.position.char_end as usize]
+            let slice: String = full[d.position.char_start as usize..d.position.char_end as usize]
                 .iter()
                 .collect();
             assert_eq!(slice, d.text);
@@ -565,11 +564,7 @@ mod tests {
             .map(|d| {
                 (
                     d.text.as_str(),
-                    d.position
-                        .heading_path
-                        .iter()
-                        .map(String::as_str)
-                        .collect(),
+                    d.position.heading_path.iter().map(String::as_str).collect(),
                     d.position.char_start,
                     d.position.char_end,
                 )
@@ -579,7 +574,12 @@ mod tests {
             got,
             vec![
                 ("# Guide\n\nIntro text here.", vec!["Guide"], 0, 25),
-                ("## Install\n\nRun the installer.", vec!["Guide", "Install"], 27, 57),
+                (
+                    "## Install\n\nRun the installer.",
+                    vec!["Guide", "Install"],
+                    27,
+                    57
+                ),
                 ("## Use\n\nOpen the app.", vec!["Guide", "Use"], 59, 80),
                 ("# Appendix\n\nMore.", vec!["Appendix"], 82, 99),
             ]
@@ -666,7 +666,10 @@ mod tests {
         assert!(drafts.iter().all(|d| d.token_count <= 10), "{drafts:#?}");
         // Nothing lost, nothing repeated without overlap.
         let rejoined: Vec<&str> = drafts.iter().flat_map(|d| d.text.split(' ')).collect();
-        assert_eq!(rejoined, words.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(
+            rejoined,
+            words.iter().map(String::as_str).collect::<Vec<_>>()
+        );
     }
 
     #[test]

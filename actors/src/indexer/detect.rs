@@ -27,7 +27,8 @@ pub enum DocumentKind {
     Tiff,
 }
 
-pub const DOCX_MIME: &str = "application/vnd.openxmlformats-officedocument.wordprocessingml.document";
+pub const DOCX_MIME: &str =
+    "application/vnd.openxmlformats-officedocument.wordprocessingml.document";
 
 impl DocumentKind {
     pub fn mime(self) -> &'static str {
@@ -253,13 +254,20 @@ mod tests {
             sniff(&[b"\x89PNG\r\n\x1a\n\0\0"], "scan"),
             Ok(DocumentKind::Png)
         );
-        assert_eq!(sniff(&[b"\xFF\xD8\xFF\xE0"], "a.jpg"), Ok(DocumentKind::Jpeg));
+        assert_eq!(
+            sniff(&[b"\xFF\xD8\xFF\xE0"], "a.jpg"),
+            Ok(DocumentKind::Jpeg)
+        );
     }
 
     #[test]
     fn docx_needs_its_document_part_even_split_across_chunks() {
         let docx = sniff(
-            &[b"PK\x03\x04....[Content_Types].xmlPK\x03\x04..wor", b"d/docu", b"ment.xml.."],
+            &[
+                b"PK\x03\x04....[Content_Types].xmlPK\x03\x04..wor",
+                b"d/docu",
+                b"ment.xml..",
+            ],
             "a.docx",
         );
         assert_eq!(docx, Ok(DocumentKind::Docx));

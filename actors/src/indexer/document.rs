@@ -272,7 +272,10 @@ async fn read_and_chunk(
     document: &Document,
 ) -> Result<Vec<ChunkDraft>, Failure> {
     let kind = DocumentKind::from_mime(&document.mime).ok_or_else(|| {
-        Failure::Document(format!("documents of type {} cannot be read", document.mime))
+        Failure::Document(format!(
+            "documents of type {} cannot be read",
+            document.mime
+        ))
     })?;
     let bytes = match blobs.get(&document.blob_key).await {
         Ok(bytes) => bytes,

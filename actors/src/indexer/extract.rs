@@ -507,7 +507,10 @@ where
         .map_err(|e| ExtractError::Unreadable(format!("starting the {parser} parser: {e}")))?;
     match tokio::time::timeout(timeout, rx).await {
         Err(_) => Err(ExtractError::TimedOut(timeout)),
-        Ok(Err(_)) => Err(ExtractError::Panicked(parser, "the parser thread ended".into())),
+        Ok(Err(_)) => Err(ExtractError::Panicked(
+            parser,
+            "the parser thread ended".into(),
+        )),
         Ok(Ok(Ok(value))) => Ok(value),
         Ok(Ok(Err(panic))) => {
             let message = panic
@@ -585,7 +588,12 @@ async fn ocr_in(
     let images = match pdftoppm {
         None => vec![(None, input)],
         Some(pdftoppm) => {
-            run(pdftoppm, &["-r", "200", "-png"], &[&input, &dir.join("page")]).await?;
+            run(
+                pdftoppm,
+                &["-r", "200", "-png"],
+                &[&input, &dir.join("page")],
+            )
+            .await?;
             let mut pages = Vec::new();
             let mut entries = tokio::fs::read_dir(dir).await.map_err(io)?;
             while let Some(entry) = entries.next_entry().await.map_err(io)? {
@@ -692,7 +700,8 @@ mod tests {
 
     #[test]
     fn json_is_flattened_per_entry() {
-        let json = br#"[{"name":"Ada","langs":["en","fr"],"meta":{"age":36,"x":null}},{"name":"Bo"}]"#;
+        let json =
+            br#"[{"name":"Ada","langs":["en","fr"],"meta":{"age":36,"x":null}},{"name":"Bo"}]"#;
         let text = one(extract_sync(DocumentKind::Json, json, 10_000).unwrap());
         assert_eq!(
             text,

@@ -98,9 +98,9 @@ impl Indexer {
     /// Queues a stored `pending` document for ingestion. When the supervisor cannot be reached
     /// the document stays `pending` and is picked up at the next start.
     pub fn enqueue(&self, user_id: Uuid, document_id: Uuid) {
-        let sent = self.supervisor().map(|s| {
-            s.send_message(IndexerSupervisorMessage::Enqueue(user_id, document_id))
-        });
+        let sent = self
+            .supervisor()
+            .map(|s| s.send_message(IndexerSupervisorMessage::Enqueue(user_id, document_id)));
         if !matches!(sent, Some(Ok(()))) {
             tracing::warn!(%user_id, %document_id, "indexer unavailable; the document stays pending");
         }
@@ -259,10 +259,7 @@ impl Actor for IndexerSupervisor {
 }
 
 fn push(state: &mut IndexerSupervisorState, user_id: Uuid, document_id: Uuid) {
-    let running = state
-        .running
-        .values()
-        .any(|r| r.document_id == document_id);
+    let running = state.running.values().any(|r| r.document_id == document_id);
     if !running && state.queued.insert(document_id) {
         state.queue.push_back((user_id, document_id));
     }

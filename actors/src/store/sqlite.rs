@@ -51,9 +51,9 @@ pub use migrations::{AppliedMigration, MigrationReport, SCHEMA_VERSION};
 
 use super::{
     ApiKey, BillingEvent, Chunk, ChunkCursor, ChunkPosition, Document, DocumentProgress,
-    DocumentStatus, Message, MessageQuery, MessageRole, MessageStatus, ModelStats, Order,
-    Page, ProviderKey, RefreshToken, Role, Share, SpendOutcome, Store, StoreError, StoreResult,
-    Summary, Thread, ThreadCursor, ThreadQuery, Usage, User,
+    DocumentStatus, Message, MessageQuery, MessageRole, MessageStatus, ModelStats, Order, Page,
+    ProviderKey, RefreshToken, Role, Share, SpendOutcome, Store, StoreError, StoreResult, Summary,
+    Thread, ThreadCursor, ThreadQuery, Usage, User,
 };
 
 /// Reader connections per store: enough for a node's concurrent lists without holding many
