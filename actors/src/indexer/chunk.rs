@@ -3,7 +3,8 @@
 //! Structure first: the text is read as blocks — Markdown-style `#` headings (when the format has
 //! headings; not inside ``` fences) and paragraphs (lines up to a blank line). A chunk never
 //! spans two sections (a heading and what follows it, up to the next heading) nor two pages; a
-//! heading directly followed by a sub-heading joins that sub-section rather than standing alone.
+//! heading directly followed by another heading joins the section that follows rather than
+//! standing alone as a chunk of one line (the chunk takes the later heading path).
 //! Within a section, whole paragraphs are packed while they fit; a paragraph longer than the
 //! target is split at sentence ends (`.`, `!`, `?` and their CJK forms, followed by white
 //! space), and a sentence longer than the target at word boundaries.
@@ -231,17 +232,15 @@ fn parse_heading(line: &str) -> Option<(usize, String)> {
     Some((level, title))
 }
 
-/// A section holding only its heading joins the next section when that one is its sub-section
-/// on the same page, so "# A" directly followed by "## B" does not make a chunk of its own.
+/// A section holding only its heading joins the next section on the same page, so "# A"
+/// directly followed by "## B" (or a DOCX title followed by "Heading 1") is not a chunk of its
+/// own.
 fn merge_heading_only(sections: Vec<Section>) -> Vec<Section> {
     let mut out: Vec<Section> = Vec::new();
     let mut pending: Option<Section> = None;
     for mut section in sections {
         if let Some(prefix) = pending.take() {
-            if prefix.page == section.page
-                && section.heading_path.len() > prefix.heading_path.len()
-                && section.heading_path.starts_with(&prefix.heading_path)
-            {
+            if prefix.page == section.page {
                 let mut blocks = prefix.blocks;
                 blocks.append(&mut section.blocks);
                 section.blocks = blocks;
@@ -595,6 +594,19 @@ mod tests {
         assert_eq!(drafts.len(), 1);
         assert_eq!(drafts[0].text, "# Top\n## Sub\nBody text.");
         assert_eq!(drafts[0].position.heading_path, vec!["Top", "Sub"]);
+    }
+
+    #[test]
+    fn a_bare_heading_joins_the_next_section_even_a_sibling() {
+        let md = "# Title\n\n# Chapter\n\nText.";
+        let drafts = chunk(&doc(md, true), &params(400, 0));
+        assert_eq!(drafts.len(), 1);
+        assert_eq!(drafts[0].text, md);
+        assert_eq!(drafts[0].position.heading_path, vec!["Chapter"]);
+        // At the very end, a bare heading is still kept.
+        let drafts = chunk(&doc("Text.\n\n# Last", true), &params(400, 0));
+        assert_eq!(drafts.len(), 2);
+        assert_eq!(drafts[1].text, "# Last");
     }
 
     #[test]
