@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! NodeSupervisor
-//! └── SessionSupervisor ── UserSession(user)      one per active user, passivated when idle
+//! ├── SessionSupervisor ── UserSession(user)      one per active user, passivated when idle
+//! ├── ProviderPool(provider)                      one per configured provider
+//! └── IndexerSupervisor ── DocumentIndexer(doc)   one per document being ingested
 //! ```
 //!
 //! The edge (`src/`) never holds user state: it authenticates, then asks the user's home

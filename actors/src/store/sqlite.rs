@@ -621,7 +621,7 @@ fn encode_embedding(values: &[f32]) -> Vec<u8> {
 }
 
 fn decode_embedding(bytes: &[u8]) -> Result<Vec<f32>, String> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(format!(
             "embedding of {} bytes is not a whole number of f32s",
             bytes.len()
