@@ -347,6 +347,7 @@ async fn hostile_files_fail_cleanly_and_the_server_keeps_serving() {
     let truncated = upload(&app, token, "truncated.pdf", &fixture("truncated.pdf")).await;
     let bomb = upload(&app, token, "bomb.docx", &fixture("bomb.docx")).await;
     let scan = upload(&app, token, "scan.png", &fixture("scan.png")).await;
+    let scanned = upload(&app, token, "scanned.pdf", &fixture("scanned.pdf")).await;
     let ok = upload(&app, token, "notes.txt", &fixture("notes.txt")).await;
 
     let reason = failed(&app, token, &truncated).await;
@@ -361,12 +362,43 @@ async fn hostile_files_fail_cleanly_and_the_server_keeps_serving() {
         reason,
         "an image has no text layer; OCR needs tesseract-ocr installed"
     );
-    for id in [&truncated, &bomb, &scan] {
+    let reason = failed(&app, token, &scanned).await;
+    assert_eq!(reason, "no text layer; OCR needs tesseract-ocr installed");
+    for id in [&truncated, &bomb, &scan, &scanned] {
         assert!(chunks(&app, &user, id).await.is_empty());
     }
     ready(&app, token, &ok).await;
     let health = app.get_anon("/healthz").await;
     assert_eq!(health.status(), StatusCode::OK);
+}
+
+/// Needs `tesseract` and `pdftoppm` on the PATH (`apt-get install tesseract-ocr poppler-utils`;
+/// `.ci/run` installs them).
+#[tokio::test]
+async fn scanned_pdfs_are_read_with_ocr() {
+    for tool in ["tesseract", "pdftoppm"] {
+        let found = std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            found,
+            "`{tool}` is not installed: apt-get install tesseract-ocr poppler-utils"
+        );
+    }
+    let app = TestApp::spawn().await;
+    let user = app.register_user().await;
+    let id = upload(&app, user.token(), "scanned.pdf", &fixture("scanned.pdf")).await;
+    let document = ready(&app, user.token(), &id).await;
+    assert_eq!(document["chunks"], 1, "{document}");
+    let got = chunks(&app, &user, &id).await;
+    assert_eq!(got[0].position.page, Some(1));
+    // OCR may differ in white space between versions; the words are what matter.
+    let words: Vec<&str> = got[0].text.split_whitespace().collect();
+    assert_eq!(
+        words.join(" "),
+        "Quarterly report of the Chorus project. Page one describes the ingestion pipeline."
+    );
 }
 
 #[tokio::test]
