@@ -13,6 +13,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chorus_actors::Node;
+use chorus_actors::blob::BlobStore;
+use chorus_actors::indexer::Documents;
+use chorus_actors::node::DocumentsConfig;
 use chorus_actors::quota::{KeyedLimiter, LimitSpec, RedisSettings, TokenBuckets, buckets_for};
 use chorus_actors::session::Sessions;
 use chorus_actors::store::{MessageStatus, SqliteStore, Store};
@@ -46,6 +49,8 @@ pub struct AppState {
     /// that are not per user, such as per-deployment provider RPM/TPM.
     pub shared_buckets: Arc<dyn TokenBuckets>,
     pub metrics: Arc<EdgeMetrics>,
+    /// Uploaded documents' blob store and the node's indexer.
+    pub documents: Documents,
     /// Set when shutdown begins, so `/readyz` turns 503 while in-flight requests drain.
     pub shutting_down: AtomicBool,
 }
@@ -200,7 +205,22 @@ impl Application {
         );
         let mut sessions = config.sessions.clone();
         sessions.key_opener = Some(provider_keys.clone());
-        let node = Node::start(store.clone(), catalogue.clone(), sessions).await?;
+        let blobs = BlobStore::open(&config.documents.blobs).context("opening the blob store")?;
+        tracing::info!(kind = blobs.kind(), "blob store ready");
+        let node = Node::start_with(
+            store.clone(),
+            catalogue.clone(),
+            sessions,
+            Some(DocumentsConfig {
+                blobs,
+                indexer: config.documents.indexer.clone(),
+            }),
+        )
+        .await?;
+        let documents = node
+            .documents
+            .clone()
+            .context("the node started without documents")?;
         let listener = TcpListener::bind(config.server.bind)
             .await
             .with_context(|| format!("binding {}", config.server.bind))?;
@@ -226,6 +246,7 @@ impl Application {
             limiters,
             shared_buckets,
             metrics: Arc::new(EdgeMetrics::default()),
+            documents,
             shutting_down: AtomicBool::new(false),
         });
         Ok(Application {

@@ -95,6 +95,27 @@ pub struct RawConfig {
     pub billing: RawBilling,
     pub metrics: RawMetrics,
     pub log: RawLog,
+    pub documents: RawDocuments,
+}
+
+/// `[documents]`: where uploads are kept and how they are ingested.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDocuments {
+    pub blob_root: String,
+    pub s3_bucket: String,
+    pub s3_endpoint: String,
+    pub s3_region: String,
+    pub s3_access_key_id: Secret,
+    pub s3_secret_access_key: Secret,
+    pub s3_path_style: bool,
+    pub ingest_concurrency: usize,
+    pub chunk_target_tokens: usize,
+    pub chunk_overlap_tokens: usize,
+    pub max_text_bytes: usize,
+    pub extract_timeout_secs: u64,
+    pub ocr_tesseract: String,
+    pub ocr_pdftoppm: String,
 }
 
 /// `[routing]`: retries, failover and circuit breakers of the provider pools.
@@ -235,6 +256,14 @@ pub struct Config {
     pub billing: BillingConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    pub documents: DocumentsSettings,
+}
+
+/// `[documents]`, validated.
+#[derive(Debug, Clone)]
+pub struct DocumentsSettings {
+    pub blobs: chorus_actors::blob::BlobConfig,
+    pub indexer: chorus_actors::indexer::IndexerConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -513,6 +542,8 @@ impl Config {
             }
         }
 
+        let documents = validate_documents(&raw.documents, &raw.data_dir)?;
+
         let format = match raw.log.format.as_str() {
             "json" => LogFormat::Json,
             "pretty" => LogFormat::Pretty,
@@ -566,6 +597,7 @@ impl Config {
                 format,
                 level: raw.log.level.clone(),
             },
+            documents,
             raw,
         })
     }
@@ -577,6 +609,105 @@ impl Config {
             message: e.to_string(),
         })
     }
+}
+
+fn validate_documents(
+    raw: &RawDocuments,
+    data_dir: &Path,
+) -> Result<DocumentsSettings, ConfigError> {
+    use chorus_actors::blob::{BlobConfig, S3Config};
+    use chorus_actors::indexer::chunk::ChunkParams;
+    use chorus_actors::indexer::extract::ExtractConfig;
+
+    let non_empty = |s: &str| (!s.trim().is_empty()).then(|| s.trim().to_owned());
+    let blobs = match non_empty(&raw.s3_bucket) {
+        None => BlobConfig::Local {
+            root: non_empty(&raw.blob_root)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| data_dir.join("blobs")),
+        },
+        Some(bucket) => {
+            let region = non_empty(&raw.s3_region).ok_or_else(|| {
+                invalid(
+                    "documents.s3_region",
+                    "must be set when documents.s3_bucket is",
+                )
+            })?;
+            let access_key_id = non_empty(raw.s3_access_key_id.expose());
+            let secret_access_key = non_empty(raw.s3_secret_access_key.expose());
+            if access_key_id.is_some() != secret_access_key.is_some() {
+                return Err(invalid(
+                    "documents.s3_access_key_id",
+                    "set both s3_access_key_id and s3_secret_access_key, or neither (then the \
+                     AWS_* environment is used)",
+                ));
+            }
+            let endpoint = non_empty(&raw.s3_endpoint);
+            if let Some(endpoint) = &endpoint
+                && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+            {
+                return Err(invalid(
+                    "documents.s3_endpoint",
+                    format!("`{endpoint}` must start with http:// or https://"),
+                ));
+            }
+            BlobConfig::S3(S3Config {
+                bucket,
+                endpoint,
+                region,
+                access_key_id,
+                secret_access_key,
+                path_style: raw.s3_path_style,
+            })
+        }
+    };
+    if !(1..=64).contains(&raw.ingest_concurrency) {
+        return Err(invalid(
+            "documents.ingest_concurrency",
+            "must be within 1..=64",
+        ));
+    }
+    if !(16..=8192).contains(&raw.chunk_target_tokens) {
+        return Err(invalid(
+            "documents.chunk_target_tokens",
+            "must be within 16..=8192",
+        ));
+    }
+    if raw.chunk_overlap_tokens * 2 > raw.chunk_target_tokens {
+        return Err(invalid(
+            "documents.chunk_overlap_tokens",
+            "must be at most half of documents.chunk_target_tokens",
+        ));
+    }
+    if raw.max_text_bytes == 0 {
+        return Err(invalid(
+            "documents.max_text_bytes",
+            "must be greater than 0",
+        ));
+    }
+    if raw.extract_timeout_secs == 0 {
+        return Err(invalid(
+            "documents.extract_timeout_secs",
+            "must be greater than 0",
+        ));
+    }
+    Ok(DocumentsSettings {
+        blobs,
+        indexer: chorus_actors::indexer::IndexerConfig {
+            concurrency: raw.ingest_concurrency,
+            chunk: ChunkParams {
+                target_tokens: raw.chunk_target_tokens,
+                overlap_tokens: raw.chunk_overlap_tokens,
+            },
+            extract: ExtractConfig {
+                max_text_bytes: raw.max_text_bytes,
+                timeout: Duration::from_secs(raw.extract_timeout_secs),
+                tesseract: raw.ocr_tesseract.clone(),
+                pdftoppm: raw.ocr_pdftoppm.clone(),
+            },
+            ..Default::default()
+        },
+    })
 }
 
 /// Parses the model catalogue: the built-in one, or `models_file` when set. Which providers are
@@ -1037,6 +1168,65 @@ mod tests {
             env(&[("CHORUS__METRICS__BASIC_AUTH_PASSWORD", "x")]),
         ));
         assert!(text.contains("metrics.basic_auth_user"), "{text}");
+    }
+
+    #[test]
+    fn documents_default_to_local_blobs_under_the_data_dir() {
+        use chorus_actors::blob::BlobConfig;
+        let config = Config::load(None, env(&[("CHORUS__DATA_DIR", "/srv/x")])).unwrap();
+        assert_eq!(
+            config.documents.blobs,
+            BlobConfig::Local {
+                root: PathBuf::from("/srv/x/blobs")
+            }
+        );
+        let indexer = &config.documents.indexer;
+        assert_eq!(indexer.concurrency, 2);
+        assert_eq!(indexer.chunk.target_tokens, 400);
+        assert_eq!(indexer.chunk.overlap_tokens, 60);
+        assert!(indexer.embedder.is_none());
+    }
+
+    #[test]
+    fn documents_use_s3_when_a_bucket_is_set() {
+        use chorus_actors::blob::BlobConfig;
+        let config = Config::load(
+            None,
+            env(&[
+                ("CHORUS__DOCUMENTS__S3_BUCKET", "chorus-docs"),
+                ("CHORUS__DOCUMENTS__S3_ENDPOINT", "http://127.0.0.1:9000"),
+                ("CHORUS__DOCUMENTS__S3_ACCESS_KEY_ID", "minio"),
+                (
+                    "CHORUS__DOCUMENTS__S3_SECRET_ACCESS_KEY",
+                    "minio-secret-key",
+                ),
+            ]),
+        )
+        .unwrap();
+        let BlobConfig::S3(s3) = &config.documents.blobs else {
+            panic!("expected S3: {:?}", config.documents.blobs);
+        };
+        assert_eq!(s3.bucket, "chorus-docs");
+        assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(s3.region, "us-east-1");
+        assert!(s3.path_style);
+        let printed = config.to_redacted_toml().unwrap();
+        assert!(!printed.contains("minio-secret-key"), "{printed}");
+        assert!(!format!("{config:?}").contains("minio-secret-key"));
+
+        let half = Config::load(
+            None,
+            env(&[
+                ("CHORUS__DOCUMENTS__S3_BUCKET", "b"),
+                ("CHORUS__DOCUMENTS__S3_ACCESS_KEY_ID", "minio"),
+            ]),
+        );
+        assert!(error_text(half).contains("documents.s3_access_key_id"));
+        let overlap = Config::load(
+            None,
+            env(&[("CHORUS__DOCUMENTS__CHUNK_OVERLAP_TOKENS", "300")]),
+        );
+        assert!(error_text(overlap).contains("documents.chunk_overlap_tokens"));
     }
 
     #[test]

@@ -2,13 +2,17 @@
 //!
 //! ```text
 //! NodeSupervisor
-//! └── SessionSupervisor ── UserSession(user)      one per active user, passivated when idle
+//! ├── SessionSupervisor ── UserSession(user)      one per active user, passivated when idle
+//! ├── ProviderPool(provider)                      one per configured provider
+//! └── IndexerSupervisor ── DocumentIndexer(doc)   one per document being ingested
 //! ```
 //!
 //! The edge (`src/`) never holds user state: it authenticates, then asks the user's home
 //! `UserSession` (through [`session::Sessions`]) to change anything, and may read straight from
 //! the [`store::Store`].
 
+pub mod blob;
+pub mod indexer;
 pub mod metrics;
 pub mod node;
 pub mod provider;

@@ -1,8 +1,8 @@
 //! `NodeSupervisor`: the root of this node's actor tree.
 //!
-//! It owns the `SessionSupervisor` and restarts it if it fails; the [`Sessions`] handle given to
-//! the edge follows the restart through a shared slot. Later issues hang the provider, indexer and
-//! cluster supervisors here.
+//! It owns the `SessionSupervisor`, the `ProviderPool`s and (when documents are configured) the
+//! `IndexerSupervisor`, and restarts each if it fails; the [`Sessions`] and [`Indexer`] handles
+//! given to the edge follow restarts through shared slots. The cluster supervisor comes later.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -11,6 +11,9 @@ use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use ractor_cluster::RactorMessage;
 
+use crate::blob::BlobStore;
+use crate::indexer::supervisor::{IndexerSlot, IndexerSupervisorArgs};
+use crate::indexer::{Documents, Indexer, IndexerConfig, IndexerSupervisor};
 use crate::provider::catalogue::Catalogue;
 use crate::provider::pool::PoolState;
 use crate::provider::pool::actor::{ProviderPool, ProviderPoolArgs};
@@ -31,16 +34,43 @@ pub struct Node {
     supervisor: ActorRef<NodeMessage>,
     handle: JoinHandle<()>,
     pub sessions: Sessions,
+    /// Blob store and ingestion, when documents are configured.
+    pub documents: Option<Documents>,
+}
+
+/// What a node needs to accept documents.
+#[derive(Debug, Clone)]
+pub struct DocumentsConfig {
+    pub blobs: BlobStore,
+    pub indexer: IndexerConfig,
 }
 
 impl Node {
+    /// A node without documents.
     pub async fn start(
         store: Arc<dyn Store>,
         catalogue: Arc<Catalogue>,
         sessions: SessionConfig,
     ) -> Result<Node, NodeError> {
+        Node::start_with(store, catalogue, sessions, None).await
+    }
+
+    /// A node; with `documents`, it also runs the `IndexerSupervisor` (resuming unfinished
+    /// documents) and its sessions accept document uploads and deletes.
+    pub async fn start_with(
+        store: Arc<dyn Store>,
+        catalogue: Arc<Catalogue>,
+        mut sessions: SessionConfig,
+        documents: Option<DocumentsConfig>,
+    ) -> Result<Node, NodeError> {
         let slot: SupervisorSlot = Arc::new(RwLock::new(None));
         let live: LiveSessions = Arc::new(RwLock::new(HashMap::new()));
+        let indexer_slot: IndexerSlot = Arc::new(RwLock::new(None));
+        let handles = documents.as_ref().map(|d| Documents {
+            blobs: d.blobs.clone(),
+            indexer: Indexer::new(indexer_slot.clone()),
+        });
+        sessions.documents = handles.clone();
         let args = NodeArgs {
             store,
             catalogue,
@@ -48,6 +78,12 @@ impl Node {
             slot: slot.clone(),
             live: live.clone(),
             pool_actors: Vec::new(),
+            indexer: documents.map(|d| IndexerSetup {
+                blobs: d.blobs,
+                config: Arc::new(d.indexer),
+                slot: indexer_slot,
+                actor: None,
+            }),
         };
         let (supervisor, handle) = Actor::spawn(None, NodeSupervisor, args)
             .await
@@ -57,6 +93,7 @@ impl Node {
             supervisor,
             handle,
             sessions: handle_for_edge,
+            documents: handles,
         })
     }
 
@@ -79,6 +116,15 @@ pub struct NodeArgs {
     live: LiveSessions,
     /// One `ProviderPool` per provider, with the state it ticks.
     pool_actors: Vec<(ActorId, Arc<PoolState>)>,
+    indexer: Option<IndexerSetup>,
+}
+
+struct IndexerSetup {
+    blobs: BlobStore,
+    config: Arc<IndexerConfig>,
+    slot: IndexerSlot,
+    /// The running `IndexerSupervisor`.
+    actor: Option<ActorId>,
 }
 
 #[derive(RactorMessage)]
@@ -94,6 +140,7 @@ impl Actor for NodeSupervisor {
         myself: ActorRef<Self::Msg>,
         mut args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
+        spawn_indexer_supervisor(&myself, &mut args).await?;
         spawn_session_supervisor(&myself, &args).await?;
         let pools = args.catalogue.pools().pools().to_vec();
         for pool in pools {
@@ -125,7 +172,15 @@ impl Actor for NodeSupervisor {
                 .iter()
                 .find(|(id, _)| *id == actor.get_id())
                 .map(|(_, pool)| pool.clone());
-            if let Some(pool) = pool {
+            let indexer_failed = state
+                .indexer
+                .as_ref()
+                .is_some_and(|i| i.actor == Some(actor.get_id()));
+            if indexer_failed {
+                // Its queue is rebuilt from the store: unfinished documents are resumed.
+                tracing::error!(error = %err, "indexer supervisor failed; restarting it");
+                spawn_indexer_supervisor(&myself, state).await?;
+            } else if let Some(pool) = pool {
                 tracing::error!(error = %err, provider = %pool.provider_id, "provider pool failed; restarting it");
                 state.pool_actors.retain(|(id, _)| *id != actor.get_id());
                 spawn_provider_pool(&myself, state, pool).await?;
@@ -160,6 +215,29 @@ async fn spawn_provider_pool(
     };
     let (actor, _) = Actor::spawn_linked(None, ProviderPool, args, myself.get_cell()).await?;
     state.pool_actors.push((actor.get_id(), pool));
+    Ok(())
+}
+
+async fn spawn_indexer_supervisor(
+    myself: &ActorRef<NodeMessage>,
+    state: &mut NodeArgs,
+) -> Result<(), ActorProcessingErr> {
+    let Some(setup) = state.indexer.as_mut() else {
+        return Ok(());
+    };
+    let args = IndexerSupervisorArgs {
+        store: state.store.clone(),
+        blobs: setup.blobs.clone(),
+        config: setup.config.clone(),
+    };
+    let (supervisor, _) =
+        Actor::spawn_linked(None, IndexerSupervisor, args, myself.get_cell()).await?;
+    setup.actor = Some(supervisor.get_id());
+    let mut slot = setup
+        .slot
+        .write()
+        .map_err(|_| ActorProcessingErr::from("indexer supervisor slot poisoned"))?;
+    *slot = Some(supervisor);
     Ok(())
 }
 

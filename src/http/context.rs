@@ -50,6 +50,13 @@ pub type BodyStream = futures_util::stream::BoxStream<'static, Result<Bytes, war
 /// The request body, read lazily so the size limit applies while reading.
 pub struct Body(BodyStream);
 
+impl Body {
+    /// The raw stream, for routes that read the body their own way (multipart uploads).
+    pub fn into_stream(self) -> BodyStream {
+        self.0
+    }
+}
+
 pub fn ctx(state: Arc<AppState>) -> impl Filter<Extract = (Ctx,), Error = warp::Rejection> + Clone {
     let query = warp::query::raw()
         .map(Some)

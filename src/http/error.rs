@@ -228,6 +228,11 @@ impl From<SessionError> for ApiError {
             SessionError::Invalid(what) => ApiError::validation(what),
             SessionError::Provider(e) => crate::http::messages::provider_error(&e),
             SessionError::Forbidden(why) => ApiError::new(ErrorCode::Forbidden, why),
+            SessionError::TooLarge { what, limit } => ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("{what} exceeds your plan's upload limit of {limit} bytes"),
+            )
+            .with_details(json!({ "limit_bytes": limit })),
             SessionError::RateLimited {
                 what,
                 limit,

@@ -8,6 +8,7 @@ mod admin;
 mod auth_routes;
 mod billing;
 pub mod context;
+mod documents;
 pub mod error;
 mod me;
 pub mod messages;
@@ -216,6 +217,28 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
         .unify()
         .boxed();
 
+    let documents = warp::path!("api" / "v1" / "documents")
+        .and(warp::post())
+        .and(ctx.clone())
+        .and(body())
+        .then(|c, b| with_body(c, b, documents::upload))
+        .or(warp::path!("api" / "v1" / "documents")
+            .and(warp::get())
+            .and(ctx.clone())
+            .then(|c| respond(c, documents::list)))
+        .unify()
+        .or(warp::path!("api" / "v1" / "documents" / String)
+            .and(warp::get())
+            .and(ctx.clone())
+            .then(|id, c| respond(c, move |c| documents::get(c, id))))
+        .unify()
+        .or(warp::path!("api" / "v1" / "documents" / String)
+            .and(warp::delete())
+            .and(ctx.clone())
+            .then(|id, c| respond(c, move |c| documents::delete(c, id))))
+        .unify()
+        .boxed();
+
     let openai_api = warp::path!("v1" / "chat" / "completions")
         .and(warp::post())
         .and(ctx.clone())
@@ -261,6 +284,8 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
         .or(threads)
         .unify()
         .or(turns)
+        .unify()
+        .or(documents)
         .unify()
         .or(admin)
         .unify()

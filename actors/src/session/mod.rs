@@ -25,8 +25,9 @@ use std::time::Duration;
 use ractor::{ActorRef, RpcReplyPort};
 use uuid::Uuid;
 
+use crate::indexer::Documents;
 use crate::node::SupervisorSlot;
-use crate::store::{ApiKey, ProviderKey, Role, StoreError, Thread, User};
+use crate::store::{ApiKey, Document, ProviderKey, Role, StoreError, Thread, User};
 pub use supervisor::{SessionSupervisor, SessionSupervisorArgs, SessionSupervisorMessage};
 pub use user_session::{UserSession, UserSessionMessage, usage_period};
 
@@ -55,6 +56,9 @@ pub struct SessionConfig {
     pub clock: Clock,
     /// Per-user requests/min and tokens/min. In-process: each user has one home session.
     pub user_buckets: Arc<LocalBuckets>,
+    /// Blob store and indexer (set by the node when documents are configured); `None`: document
+    /// requests answer `Unavailable`.
+    pub documents: Option<Documents>,
 }
 
 impl Default for SessionConfig {
@@ -67,6 +71,7 @@ impl Default for SessionConfig {
             tiers: Arc::new(Tiers::unlimited()),
             clock: Clock::system(),
             user_buckets: Arc::new(LocalBuckets::new()),
+            documents: None,
         }
     }
 }
@@ -103,6 +108,9 @@ pub enum SessionError {
         retry_after: Duration,
         reset_after: Duration,
     },
+    /// An upload is larger than the user's tier allows (`limit` bytes).
+    #[error("{what} exceeds the limit of your plan ({limit} bytes)")]
+    TooLarge { what: String, limit: u64 },
     /// A monthly limit of the user's tier is used up until `resets_at`.
     #[error("monthly quota exceeded: {what} ({used} of {limit})")]
     QuotaExceeded {
@@ -414,6 +422,39 @@ impl Sessions {
     ) -> Result<crate::store::Summary, SessionError> {
         self.request(user_id, |reply| {
             UserSessionMessage::Summarize(thread_id, model.clone(), reply)
+        })
+        .await
+    }
+
+    /// The largest document upload the user's tier allows, in bytes.
+    pub async fn upload_limit(&self, user_id: Uuid) -> Result<u64, SessionError> {
+        self.request(user_id, UserSessionMessage::UploadLimit).await
+    }
+
+    /// Records an uploaded document (its blob already stored) as `pending` and queues its
+    /// ingestion. Fails with `TooLarge` when its size exceeds the user's tier.
+    pub async fn create_document(&self, document: Document) -> Result<Document, SessionError> {
+        let user_id = document.user_id;
+        // Not retried after an answer: the row would be stored twice under one id (a conflict).
+        let session = self.session(user_id).await?;
+        let build = |reply| UserSessionMessage::CreateDocument(document, reply);
+        match self.call_once(&session, build).await {
+            Ok(answer) => answer,
+            Err(gone) => {
+                self.forget(user_id, &session);
+                Err(SessionError::Unavailable(gone))
+            }
+        }
+    }
+
+    /// Deletes a document with its chunks and blob, stopping its ingestion.
+    pub async fn delete_document(
+        &self,
+        user_id: Uuid,
+        document_id: Uuid,
+    ) -> Result<(), SessionError> {
+        self.request(user_id, |reply| {
+            UserSessionMessage::DeleteDocument(document_id, reply)
         })
         .await
     }

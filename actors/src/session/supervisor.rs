@@ -136,6 +136,7 @@ async fn get_or_spawn(
         idle_timeout: state.config.idle_timeout,
         turn_timeouts: state.config.turn_timeouts,
         key_opener: state.config.key_opener.clone(),
+        documents: state.config.documents.clone(),
         quotas: super::quota::Quotas {
             tiers: state.config.tiers.clone(),
             clock: state.config.clock.clone(),

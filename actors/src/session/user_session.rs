@@ -25,12 +25,13 @@ use super::turn::{LegResult, Turn, TurnArgs, TurnLeg, TurnTimeouts};
 use super::{
     NewThread, ProfilePatch, SendMessage, SessionError, ThreadPatch, TierRoleChange, TurnStarted,
 };
+use crate::indexer::Documents;
 use crate::provider::catalogue::{Catalogue, Model};
 use crate::provider::routing::{self, RouteOptions};
 use crate::provider::{ChatMessage, ChatRequest, ChatRole, KeyOpener};
 use crate::store::{
-    ApiKey, Message, MessageQuery, MessageRole, MessageStatus, Order, ProviderKey, Store, Summary,
-    Thread, Usage, User,
+    ApiKey, Document, Message, MessageQuery, MessageRole, MessageStatus, Order, ProviderKey, Store,
+    Summary, Thread, Usage, User,
 };
 
 pub struct UserSession;
@@ -42,6 +43,7 @@ pub struct UserSessionArgs {
     pub idle_timeout: Duration,
     pub turn_timeouts: TurnTimeouts,
     pub key_opener: Option<Arc<dyn KeyOpener>>,
+    pub documents: Option<Documents>,
     pub quotas: Quotas,
 }
 
@@ -82,6 +84,7 @@ pub struct UserSessionState {
     flush_scheduled: bool,
     /// The user row, read once: every change to it goes through this session.
     user: Option<User>,
+    documents: Option<Documents>,
 }
 
 #[derive(RactorMessage)]
@@ -136,6 +139,12 @@ pub enum UserSessionMessage {
     IdleCheck,
     /// Writes pending usage counters to the store (from a timer, or before `/me/usage` reads).
     FlushUsage(Option<RpcReplyPort<Result<(), SessionError>>>),
+    /// The tier's largest upload, in bytes.
+    UploadLimit(RpcReplyPort<Result<u64, SessionError>>),
+    /// Stores an uploaded document's row (its blob is stored) and queues its ingestion.
+    CreateDocument(Document, RpcReplyPort<Result<Document, SessionError>>),
+    /// Deletes a document, its chunks and its blob; stops its ingestion.
+    DeleteDocument(Uuid, RpcReplyPort<Result<(), SessionError>>),
 }
 
 impl Actor for UserSession {
@@ -168,6 +177,7 @@ impl Actor for UserSession {
             usage: UsageBook::default(),
             flush_scheduled: false,
             user: None,
+            documents: args.documents,
         })
     }
 
@@ -402,6 +412,18 @@ impl Actor for UserSession {
                     tracing::warn!(error = %e, %thread_id, "storing a generated title failed");
                 }
             }
+            UserSessionMessage::UploadLimit(reply) => {
+                let result = current_user(state)
+                    .await
+                    .map(|user| state.quotas.tier(&user).1.upload_max_bytes);
+                let _ = reply.send(result);
+            }
+            UserSessionMessage::CreateDocument(document, reply) => {
+                let _ = reply.send(create_document(state, document).await);
+            }
+            UserSessionMessage::DeleteDocument(document_id, reply) => {
+                let _ = reply.send(delete_document(state, document_id).await);
+            }
             UserSessionMessage::DeleteProviderKey(provider, reply) => {
                 state.own_keys = None;
                 let result = match state
@@ -556,6 +578,56 @@ async fn delete_api_key(state: &UserSessionState, key_id: Uuid) -> Result<(), Se
     } else {
         Err(SessionError::NotFound)
     }
+}
+
+fn documents(state: &UserSessionState) -> Result<&Documents, SessionError> {
+    state
+        .documents
+        .as_ref()
+        .ok_or_else(|| SessionError::Unavailable("documents are not enabled on this node".into()))
+}
+
+async fn create_document(
+    state: &mut UserSessionState,
+    document: Document,
+) -> Result<Document, SessionError> {
+    if document.user_id != state.user_id {
+        return Err(SessionError::NotFound);
+    }
+    let indexer = documents(state)?.indexer.clone();
+    // The edge streamed against the limit it asked for; the tier may have changed since.
+    let user = current_user(state).await?;
+    let limit = state.quotas.tier(&user).1.upload_max_bytes;
+    if u64::try_from(document.size).unwrap_or(u64::MAX) > limit {
+        return Err(SessionError::TooLarge {
+            what: "the file".into(),
+            limit,
+        });
+    }
+    state.store.create_document(&document).await?;
+    indexer.enqueue(document.user_id, document.id);
+    Ok(document)
+}
+
+async fn delete_document(state: &UserSessionState, document_id: Uuid) -> Result<(), SessionError> {
+    let docs = documents(state)?;
+    let Some(document) = state.store.get_document(state.user_id, document_id).await? else {
+        return Err(SessionError::NotFound);
+    };
+    docs.indexer.cancel(state.user_id, document_id);
+    if !state
+        .store
+        .delete_document(state.user_id, document_id)
+        .await?
+    {
+        return Err(SessionError::NotFound);
+    }
+    // The row is gone, so the document is; a blob left behind by a failing blob store is only
+    // storage (logged with its key for cleanup).
+    if let Err(e) = docs.blobs.delete(&document.blob_key).await {
+        tracing::error!(key = %document.blob_key, error = %e, "deleting a document's blob failed; it is orphaned");
+    }
+    Ok(())
 }
 
 /// How long a thread's events stay replayable after its last event (when nobody watches).

@@ -24,7 +24,8 @@ use chrono::{DateTime, Duration, Utc};
 use uuid::{NoContext, Timestamp, Uuid};
 
 use super::{
-    ApiKey, BillingEvent, Message, MessageQuery, MessageRole, MessageStatus, Order, ProviderKey,
+    ApiKey, BillingEvent, Chunk, ChunkCursor, ChunkPosition, Document, DocumentProgress,
+    DocumentStatus, Message, MessageQuery, MessageRole, MessageStatus, Order, ProviderKey,
     RefreshToken, Role, Share, SpendOutcome, Store, StoreError, Summary, Thread, ThreadCursor,
     ThreadQuery, Usage, User, UserSettings,
 };
@@ -75,6 +76,14 @@ macro_rules! store_contract_tests {
             billing_event_is_recorded_once,
             concurrent_billing_event_inserts_have_one_winner,
             billing_event_can_be_forgotten,
+            document_round_trips_and_progresses,
+            documents_page_newest_first,
+            documents_belong_to_their_user,
+            chunks_round_trip_in_batches,
+            chunks_of_a_missing_document_are_refused,
+            delete_document_removes_its_chunks,
+            user_chunks_page_across_documents,
+            unfinished_documents_are_listed_oldest_first,
         );
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {
@@ -1796,4 +1805,385 @@ pub async fn billing_event_can_be_forgotten(store: Arc<dyn Store>) {
     );
     // Forgotten, it can be recorded again.
     assert!(store.insert_billing_event(&event).await.unwrap());
+}
+
+// ---- documents and chunks ----
+
+pub fn document(user_id: Uuid, secs: i64) -> Document {
+    let id = v7_at(secs);
+    Document {
+        user_id,
+        id,
+        name: format!("doc-{secs}.md"),
+        mime: "text/markdown".to_owned(),
+        size: 1234,
+        status: DocumentStatus::Pending,
+        progress: 0.0,
+        chunk_count: 0,
+        error: None,
+        blob_key: format!("users/{user_id}/documents/{id}"),
+        created_at: at(secs),
+        updated_at: at(secs),
+    }
+}
+
+pub fn chunk(document: &Document, seq: i64) -> Chunk {
+    Chunk {
+        user_id: document.user_id,
+        document_id: document.id,
+        seq,
+        text: format!("chunk {seq} of {}", document.name),
+        position: ChunkPosition {
+            page: Some(u32::try_from(seq).unwrap() + 1),
+            heading_path: vec!["Intro".to_owned(), format!("Part {seq}")],
+            char_start: u64::try_from(seq).unwrap() * 100,
+            char_end: u64::try_from(seq).unwrap() * 100 + 90,
+        },
+        token_count: 7 + seq,
+        embedding: (seq % 2 == 0).then(|| vec![0.25, -1.5, f32::MIN_POSITIVE, seq as f32]),
+    }
+}
+
+pub async fn document_round_trips_and_progresses(store: Arc<dyn Store>) {
+    let user_id = Uuid::now_v7();
+    let doc = document(user_id, 1);
+    assert_eq!(store.get_document(user_id, doc.id).await.unwrap(), None);
+    store.create_document(&doc).await.unwrap();
+    assert_eq!(
+        store.get_document(user_id, doc.id).await.unwrap(),
+        Some(doc.clone())
+    );
+    assert!(matches!(
+        store.create_document(&doc).await,
+        Err(StoreError::Conflict(_))
+    ));
+
+    let processing = DocumentProgress {
+        status: DocumentStatus::Processing,
+        progress: 0.375,
+        chunk_count: 0,
+        error: None,
+        updated_at: at(2),
+    };
+    assert!(
+        store
+            .update_document_progress(user_id, doc.id, &processing)
+            .await
+            .unwrap()
+    );
+    let failed = DocumentProgress {
+        status: DocumentStatus::Failed,
+        progress: 0.5,
+        chunk_count: 3,
+        error: Some("no text layer".to_owned()),
+        updated_at: at(3),
+    };
+    assert!(
+        store
+            .update_document_progress(user_id, doc.id, &failed)
+            .await
+            .unwrap()
+    );
+    let stored = store.get_document(user_id, doc.id).await.unwrap().unwrap();
+    assert_eq!(
+        stored,
+        Document {
+            status: DocumentStatus::Failed,
+            progress: 0.5,
+            chunk_count: 3,
+            error: Some("no text layer".to_owned()),
+            updated_at: at(3),
+            ..doc.clone()
+        }
+    );
+    // Clearing the error on the way back to pending (a retry) is a real change too.
+    let again = DocumentProgress {
+        status: DocumentStatus::Pending,
+        progress: 0.0,
+        chunk_count: 0,
+        error: None,
+        updated_at: at(4),
+    };
+    assert!(
+        store
+            .update_document_progress(user_id, doc.id, &again)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store
+            .get_document(user_id, doc.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .error,
+        None
+    );
+    // Progress of a document that does not exist reports it.
+    assert!(
+        !store
+            .update_document_progress(user_id, Uuid::now_v7(), &again)
+            .await
+            .unwrap()
+    );
+}
+
+pub async fn documents_page_newest_first(store: Arc<dyn Store>) {
+    let user_id = Uuid::now_v7();
+    let docs: Vec<Document> = (0..5).map(|i| document(user_id, i * 10)).collect();
+    // Created out of order: the listing follows ids (upload time), not insertion.
+    for i in [3, 0, 4, 1, 2] {
+        store.create_document(&docs[i]).await.unwrap();
+    }
+    store
+        .create_document(&document(Uuid::now_v7(), 25))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    let mut pages = 0;
+    loop {
+        let page = store.list_documents(user_id, 2, cursor).await.unwrap();
+        pages += 1;
+        assert!(page.items.len() <= 2);
+        seen.extend(page.items.iter().map(|d| d.id));
+        match page.next {
+            Some(next) => {
+                assert_eq!(Some(&next), seen.last());
+                cursor = Some(next);
+            }
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    let expected: Vec<Uuid> = docs.iter().rev().map(|d| d.id).collect();
+    assert_eq!(seen, expected);
+    // A page that ends exactly at the last document says so.
+    let all = store.list_documents(user_id, 5, None).await.unwrap();
+    assert_eq!(all.items.len(), 5);
+    assert_eq!(all.next, None);
+}
+
+pub async fn documents_belong_to_their_user(store: Arc<dyn Store>) {
+    let (alice, mallory) = (Uuid::now_v7(), Uuid::now_v7());
+    let doc = document(alice, 1);
+    store.create_document(&doc).await.unwrap();
+    store
+        .put_chunks(alice, doc.id, &[chunk(&doc, 0)])
+        .await
+        .unwrap();
+    assert_eq!(store.get_document(mallory, doc.id).await.unwrap(), None);
+    assert!(
+        store
+            .list_documents(mallory, 10, None)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    assert!(store.list_chunks(mallory, doc.id).await.unwrap().is_empty());
+    assert!(
+        store
+            .list_user_chunks(mallory, 10, None)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    let progress = DocumentProgress {
+        status: DocumentStatus::Ready,
+        progress: 1.0,
+        chunk_count: 1,
+        error: None,
+        updated_at: at(2),
+    };
+    assert!(
+        !store
+            .update_document_progress(mallory, doc.id, &progress)
+            .await
+            .unwrap()
+    );
+    assert!(!store.delete_document(mallory, doc.id).await.unwrap());
+    assert_eq!(store.delete_chunks(mallory, doc.id).await.unwrap(), 0);
+    // Chunks handed in under another user's key are refused outright.
+    let mut stray = chunk(&doc, 1);
+    stray.user_id = mallory;
+    assert!(store.put_chunks(alice, doc.id, &[stray]).await.is_err());
+    assert_eq!(
+        store.get_document(alice, doc.id).await.unwrap(),
+        Some(doc.clone())
+    );
+    assert_eq!(store.list_chunks(alice, doc.id).await.unwrap().len(), 1);
+}
+
+pub async fn chunks_round_trip_in_batches(store: Arc<dyn Store>) {
+    let user_id = Uuid::now_v7();
+    let doc = document(user_id, 1);
+    store.create_document(&doc).await.unwrap();
+    assert!(store.list_chunks(user_id, doc.id).await.unwrap().is_empty());
+    let chunks: Vec<Chunk> = (0..5).map(|seq| chunk(&doc, seq)).collect();
+    // Two batches, the second first: the listing is by seq.
+    assert!(
+        store
+            .put_chunks(user_id, doc.id, &chunks[3..])
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .put_chunks(user_id, doc.id, &chunks[..3])
+            .await
+            .unwrap()
+    );
+    assert!(store.put_chunks(user_id, doc.id, &[]).await.unwrap());
+    assert_eq!(store.list_chunks(user_id, doc.id).await.unwrap(), chunks);
+
+    // The same seq again replaces the chunk (an ingestion that started over).
+    let mut replaced = chunk(&doc, 2);
+    replaced.text = "replaced".to_owned();
+    replaced.embedding = None;
+    replaced.position.page = None;
+    replaced.position.heading_path.clear();
+    assert!(
+        store
+            .put_chunks(user_id, doc.id, std::slice::from_ref(&replaced))
+            .await
+            .unwrap()
+    );
+    let listed = store.list_chunks(user_id, doc.id).await.unwrap();
+    assert_eq!(listed.len(), 5);
+    assert_eq!(listed[2], replaced);
+
+    assert_eq!(store.delete_chunks(user_id, doc.id).await.unwrap(), 5);
+    assert!(store.list_chunks(user_id, doc.id).await.unwrap().is_empty());
+    assert!(store.get_document(user_id, doc.id).await.unwrap().is_some());
+}
+
+pub async fn chunks_of_a_missing_document_are_refused(store: Arc<dyn Store>) {
+    let user_id = Uuid::now_v7();
+    let doc = document(user_id, 1);
+    assert!(
+        !store
+            .put_chunks(user_id, doc.id, &[chunk(&doc, 0)])
+            .await
+            .unwrap()
+    );
+    assert!(store.list_chunks(user_id, doc.id).await.unwrap().is_empty());
+    // Nor do they appear once a document with that id is created.
+    store.create_document(&doc).await.unwrap();
+    assert!(store.list_chunks(user_id, doc.id).await.unwrap().is_empty());
+}
+
+pub async fn delete_document_removes_its_chunks(store: Arc<dyn Store>) {
+    let user_id = Uuid::now_v7();
+    let doomed = document(user_id, 1);
+    let kept = document(user_id, 2);
+    for doc in [&doomed, &kept] {
+        store.create_document(doc).await.unwrap();
+        let chunks: Vec<Chunk> = (0..3).map(|seq| chunk(doc, seq)).collect();
+        assert!(store.put_chunks(user_id, doc.id, &chunks).await.unwrap());
+    }
+    assert!(store.delete_document(user_id, doomed.id).await.unwrap());
+    assert!(!store.delete_document(user_id, doomed.id).await.unwrap());
+    assert_eq!(store.get_document(user_id, doomed.id).await.unwrap(), None);
+    assert!(
+        store
+            .list_chunks(user_id, doomed.id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.list_chunks(user_id, kept.id).await.unwrap().len(), 3);
+    // Writing chunks for it afterwards (an ingestion that missed the delete) stores nothing.
+    assert!(
+        !store
+            .put_chunks(user_id, doomed.id, &[chunk(&doomed, 0)])
+            .await
+            .unwrap()
+    );
+    // The id can be reused; nothing of the old document comes back with it.
+    store.create_document(&doomed).await.unwrap();
+    assert!(
+        store
+            .list_chunks(user_id, doomed.id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub async fn user_chunks_page_across_documents(store: Arc<dyn Store>) {
+    let user_id = Uuid::now_v7();
+    let docs = [document(user_id, 1), document(user_id, 2)];
+    let mut expected = Vec::new();
+    for doc in &docs {
+        store.create_document(doc).await.unwrap();
+        let chunks: Vec<Chunk> = (0..3).map(|seq| chunk(doc, seq)).collect();
+        assert!(store.put_chunks(user_id, doc.id, &chunks).await.unwrap());
+        expected.extend(chunks);
+    }
+    let other = document(Uuid::now_v7(), 3);
+    store.create_document(&other).await.unwrap();
+    assert!(
+        store
+            .put_chunks(other.user_id, other.id, &[chunk(&other, 0)])
+            .await
+            .unwrap()
+    );
+    expected.sort_by_key(|c| (c.document_id, c.seq));
+
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = store.list_user_chunks(user_id, 4, cursor).await.unwrap();
+        assert!(page.items.len() <= 4);
+        seen.extend(page.items.iter().cloned());
+        match page.next {
+            Some(next) => {
+                let last = seen.last().unwrap();
+                assert_eq!(
+                    next,
+                    ChunkCursor {
+                        document_id: last.document_id,
+                        seq: last.seq
+                    }
+                );
+                cursor = Some(next);
+            }
+            None => break,
+        }
+    }
+    assert_eq!(seen, expected);
+}
+
+pub async fn unfinished_documents_are_listed_oldest_first(store: Arc<dyn Store>) {
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    let statuses = [
+        (a, 5, DocumentStatus::Processing),
+        (b, 1, DocumentStatus::Pending),
+        (a, 2, DocumentStatus::Ready),
+        (b, 3, DocumentStatus::Failed),
+        (a, 4, DocumentStatus::Pending),
+    ];
+    for (user_id, secs, status) in statuses {
+        let doc = Document {
+            status,
+            ..document(user_id, secs)
+        };
+        store.create_document(&doc).await.unwrap();
+    }
+    let unfinished = store.list_unfinished_documents(10).await.unwrap();
+    let seen: Vec<(Uuid, DateTime<Utc>, DocumentStatus)> = unfinished
+        .iter()
+        .map(|d| (d.user_id, d.created_at, d.status))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (b, at(1), DocumentStatus::Pending),
+            (a, at(4), DocumentStatus::Pending),
+            (a, at(5), DocumentStatus::Processing),
+        ]
+    );
+    assert_eq!(store.list_unfinished_documents(2).await.unwrap().len(), 2);
 }

@@ -243,6 +243,110 @@ pub struct BillingEvent {
     pub received_at: DateTime<Utc>,
 }
 
+/// Where a document is in its ingestion (`documents.status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DocumentStatus {
+    /// Stored, waiting for an ingestion slot.
+    Pending,
+    /// A `DocumentIndexer` is extracting, chunking and storing it.
+    Processing,
+    /// Every chunk is stored; the document is searchable.
+    Ready,
+    /// Ingestion gave up; `error` says why.
+    Failed,
+}
+
+impl DocumentStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DocumentStatus::Pending => "pending",
+            DocumentStatus::Processing => "processing",
+            DocumentStatus::Ready => "ready",
+            DocumentStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DocumentStatus> {
+        match s {
+            "pending" => Some(DocumentStatus::Pending),
+            "processing" => Some(DocumentStatus::Processing),
+            "ready" => Some(DocumentStatus::Ready),
+            "failed" => Some(DocumentStatus::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// `documents` (partition `user_id`, clustering `document_id`, a UUIDv7 so that id order is
+/// upload order). The bytes live in the blob store under `blob_key`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Document {
+    pub user_id: Uuid,
+    pub id: Uuid,
+    /// The uploaded file name, as given (validated by the edge).
+    pub name: String,
+    /// The detected type, e.g. `application/pdf`.
+    pub mime: String,
+    /// Bytes of the uploaded file.
+    pub size: i64,
+    pub status: DocumentStatus,
+    /// 0.0..=1.0 while processing; 1.0 when ready.
+    pub progress: f64,
+    /// Chunks stored for it (set when it becomes ready).
+    pub chunk_count: i64,
+    /// Why ingestion failed (status `failed`).
+    pub error: Option<String>,
+    pub blob_key: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A change of a document's ingestion state ([`Store::update_document_progress`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DocumentProgress {
+    pub status: DocumentStatus,
+    pub progress: f64,
+    pub chunk_count: i64,
+    pub error: Option<String>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Where a chunk's text sits in the document's extracted text (stored as JSON).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkPosition {
+    /// 1-based page (PDF), when the format has pages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page: Option<u32>,
+    /// The Markdown-style headings the chunk sits under, outermost first.
+    #[serde(default)]
+    pub heading_path: Vec<String>,
+    /// Character (Unicode scalar) offsets into the extracted text, end exclusive.
+    pub char_start: u64,
+    pub char_end: u64,
+}
+
+/// `chunks` (partition `(user_id, document_id)`, clustering `seq`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chunk {
+    pub user_id: Uuid,
+    pub document_id: Uuid,
+    /// 0-based order within the document.
+    pub seq: i64,
+    pub text: String,
+    pub position: ChunkPosition,
+    pub token_count: i64,
+    /// The chunk's embedding, when an embedder produced one.
+    pub embedding: Option<Vec<f32>>,
+}
+
+/// Position after the last chunk of a page of [`Store::list_user_chunks`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkCursor {
+    pub document_id: Uuid,
+    pub seq: i64,
+}
+
 /// Position after the last thread of a page: `(updated_at, id)` of that thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ThreadCursor {
@@ -423,4 +527,51 @@ pub trait Store: Send + Sync + 'static {
     /// Forgets an event (its application failed, so a redelivery must apply it). False when
     /// absent.
     async fn delete_billing_event(&self, event_id: &str) -> StoreResult<bool>;
+
+    // documents / chunks
+    /// Fails with `Conflict` when the id is taken.
+    async fn create_document(&self, document: &Document) -> StoreResult<()>;
+    async fn get_document(&self, user_id: Uuid, document_id: Uuid)
+    -> StoreResult<Option<Document>>;
+    /// Newest first (`id` desc); `cursor` is the last id of the previous page (exclusive).
+    async fn list_documents(
+        &self,
+        user_id: Uuid,
+        limit: usize,
+        cursor: Option<Uuid>,
+    ) -> StoreResult<Page<Document, Uuid>>;
+    /// Sets status, progress, chunk count, error and updated_at. False when the document does
+    /// not exist (it was deleted): an ingestion seeing that stops.
+    async fn update_document_progress(
+        &self,
+        user_id: Uuid,
+        document_id: Uuid,
+        progress: &DocumentProgress,
+    ) -> StoreResult<bool>;
+    /// Deletes the document with its chunks. False when absent.
+    async fn delete_document(&self, user_id: Uuid, document_id: Uuid) -> StoreResult<bool>;
+    /// Documents of every user still `pending` or `processing`, oldest first, at most `limit`:
+    /// what a node starting after a crash must ingest again.
+    async fn list_unfinished_documents(&self, limit: usize) -> StoreResult<Vec<Document>>;
+    /// Inserts (or replaces, by `seq`) a batch of chunks of one document, atomically. False,
+    /// with nothing written, when the document does not exist (deleted meanwhile). Every chunk
+    /// must belong to `user_id`/`document_id`.
+    async fn put_chunks(
+        &self,
+        user_id: Uuid,
+        document_id: Uuid,
+        chunks: &[Chunk],
+    ) -> StoreResult<bool>;
+    /// Removes every chunk of a document (an ingestion starting over); returns how many.
+    async fn delete_chunks(&self, user_id: Uuid, document_id: Uuid) -> StoreResult<u64>;
+    /// The chunks of one document, by `seq`.
+    async fn list_chunks(&self, user_id: Uuid, document_id: Uuid) -> StoreResult<Vec<Chunk>>;
+    /// Every chunk of a user, by `(document_id, seq)`, a page at a time (rebuilding a search
+    /// index). Chunks of documents not yet `ready` are included: callers filter by status.
+    async fn list_user_chunks(
+        &self,
+        user_id: Uuid,
+        limit: usize,
+        cursor: Option<ChunkCursor>,
+    ) -> StoreResult<Page<Chunk, ChunkCursor>>;
 }

@@ -50,9 +50,10 @@ use uuid::Uuid;
 pub use migrations::{AppliedMigration, MigrationReport, SCHEMA_VERSION};
 
 use super::{
-    ApiKey, BillingEvent, Message, MessageQuery, MessageRole, MessageStatus, ModelStats, Order,
-    Page, ProviderKey, RefreshToken, Role, Share, SpendOutcome, Store, StoreError, StoreResult,
-    Summary, Thread, ThreadCursor, ThreadQuery, Usage, User,
+    ApiKey, BillingEvent, Chunk, ChunkCursor, ChunkPosition, Document, DocumentProgress,
+    DocumentStatus, Message, MessageQuery, MessageRole, MessageStatus, ModelStats, Order, Page,
+    ProviderKey, RefreshToken, Role, Share, SpendOutcome, Store, StoreError, StoreResult, Summary,
+    Thread, ThreadCursor, ThreadQuery, Usage, User,
 };
 
 /// Reader connections per store: enough for a node's concurrent lists without holding many
@@ -566,6 +567,70 @@ fn share_from_row(row: &Row<'_>) -> rusqlite::Result<Share> {
         created_at: time_col(row, 3)?,
         expires_at: opt_time_col(row, 4)?,
     })
+}
+
+macro_rules! document_cols {
+    () => {
+        "user_id, id, name, mime, size, status, progress, chunk_count, error, blob_key, \
+         created_at, updated_at"
+    };
+}
+
+fn document_from_row(row: &Row<'_>) -> rusqlite::Result<Document> {
+    Ok(Document {
+        user_id: uuid_col(row, 0)?,
+        id: uuid_col(row, 1)?,
+        name: row.get(2)?,
+        mime: row.get(3)?,
+        size: row.get(4)?,
+        status: enum_col(row, 5, DocumentStatus::parse)?,
+        progress: row.get(6)?,
+        chunk_count: row.get(7)?,
+        error: row.get(8)?,
+        blob_key: row.get(9)?,
+        created_at: time_col(row, 10)?,
+        updated_at: time_col(row, 11)?,
+    })
+}
+
+macro_rules! chunk_cols {
+    () => {
+        "user_id, document_id, seq, text, position, token_count, embedding"
+    };
+}
+
+fn chunk_from_row(row: &Row<'_>) -> rusqlite::Result<Chunk> {
+    let position: ChunkPosition = json_col(row, 4)?;
+    let embedding: Option<Vec<u8>> = row.get(6)?;
+    Ok(Chunk {
+        user_id: uuid_col(row, 0)?,
+        document_id: uuid_col(row, 1)?,
+        seq: row.get(2)?,
+        text: row.get(3)?,
+        position,
+        token_count: row.get(5)?,
+        embedding: embedding
+            .map(|bytes| decode_embedding(&bytes).map_err(|e| bad_value(6, e)))
+            .transpose()?,
+    })
+}
+
+/// Embeddings are stored as little-endian `f32`s, 4 bytes each.
+fn encode_embedding(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn decode_embedding(bytes: &[u8]) -> Result<Vec<f32>, String> {
+    if !bytes.len().is_multiple_of(4) {
+        return Err(format!(
+            "embedding of {} bytes is not a whole number of f32s",
+            bytes.len()
+        ));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
 }
 
 #[async_trait]
@@ -1361,6 +1426,255 @@ impl Store for SqliteStore {
             Ok(deleted > 0)
         })
         .await
+    }
+
+    // ---- documents and chunks ----
+
+    async fn create_document(&self, document: &Document) -> StoreResult<()> {
+        let d = document.clone();
+        self.write("create_document", move |conn| {
+            conn.prepare_cached(concat!(
+                "INSERT INTO documents (",
+                document_cols!(),
+                ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+            ))?
+            .execute(params![
+                id(d.user_id),
+                id(d.id),
+                d.name,
+                d.mime,
+                d.size,
+                d.status.as_str(),
+                d.progress,
+                d.chunk_count,
+                d.error,
+                d.blob_key,
+                micros(d.created_at),
+                micros(d.updated_at),
+            ])
+            .map(drop)
+        })
+        .await
+    }
+
+    async fn get_document(
+        &self,
+        user_id: Uuid,
+        document_id: Uuid,
+    ) -> StoreResult<Option<Document>> {
+        self.read("get_document", move |conn| {
+            conn.prepare_cached(concat!(
+                "SELECT ",
+                document_cols!(),
+                " FROM documents WHERE user_id = ?1 AND id = ?2"
+            ))?
+            .query_row([id(user_id), id(document_id)], document_from_row)
+            .optional()
+        })
+        .await
+    }
+
+    async fn list_documents(
+        &self,
+        user_id: Uuid,
+        limit: usize,
+        cursor: Option<Uuid>,
+    ) -> StoreResult<Page<Document, Uuid>> {
+        let (limit, fetch) = fetch_limit(limit);
+        let items = self
+            .read("list_documents", move |conn| match cursor {
+                None => conn
+                    .prepare_cached(concat!(
+                        "SELECT ",
+                        document_cols!(),
+                        " FROM documents WHERE user_id = ?1 ORDER BY id DESC LIMIT ?2"
+                    ))?
+                    .query_map(params![id(user_id), fetch], document_from_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>(),
+                Some(after) => conn
+                    .prepare_cached(concat!(
+                        "SELECT ",
+                        document_cols!(),
+                        " FROM documents WHERE user_id = ?1 AND id < ?2 \
+                         ORDER BY id DESC LIMIT ?3"
+                    ))?
+                    .query_map(params![id(user_id), id(after), fetch], document_from_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>(),
+            })
+            .await?;
+        Ok(into_page(items, limit, |d| d.id))
+    }
+
+    async fn update_document_progress(
+        &self,
+        user_id: Uuid,
+        document_id: Uuid,
+        progress: &DocumentProgress,
+    ) -> StoreResult<bool> {
+        let p = progress.clone();
+        self.write("update_document_progress", move |conn| {
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE documents SET status = ?3, progress = ?4, chunk_count = ?5, \
+                     error = ?6, updated_at = ?7 WHERE user_id = ?1 AND id = ?2",
+                )?
+                .execute(params![
+                    id(user_id),
+                    id(document_id),
+                    p.status.as_str(),
+                    p.progress,
+                    p.chunk_count,
+                    p.error,
+                    micros(p.updated_at),
+                ])?;
+            Ok(changed > 0)
+        })
+        .await
+    }
+
+    async fn delete_document(&self, user_id: Uuid, document_id: Uuid) -> StoreResult<bool> {
+        self.write("delete_document", move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            // The foreign key cascades too; deleting explicitly keeps the intent visible.
+            tx.prepare_cached("DELETE FROM chunks WHERE user_id = ?1 AND document_id = ?2")?
+                .execute([id(user_id), id(document_id)])?;
+            let deleted = tx
+                .prepare_cached("DELETE FROM documents WHERE user_id = ?1 AND id = ?2")?
+                .execute([id(user_id), id(document_id)])?;
+            tx.commit()?;
+            Ok(deleted > 0)
+        })
+        .await
+    }
+
+    async fn list_unfinished_documents(&self, limit: usize) -> StoreResult<Vec<Document>> {
+        let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
+        self.read("list_unfinished_documents", move |conn| {
+            conn.prepare_cached(concat!(
+                "SELECT ",
+                document_cols!(),
+                " FROM documents WHERE status IN ('pending', 'processing') \
+                 ORDER BY created_at, id LIMIT ?1"
+            ))?
+            .query_map([limit], document_from_row)?
+            .collect()
+        })
+        .await
+    }
+
+    async fn put_chunks(
+        &self,
+        user_id: Uuid,
+        document_id: Uuid,
+        chunks: &[Chunk],
+    ) -> StoreResult<bool> {
+        if let Some(stray) = chunks
+            .iter()
+            .find(|c| c.user_id != user_id || c.document_id != document_id)
+        {
+            return Err(backend(
+                "put_chunks",
+                format!(
+                    "chunk {} of {}/{} handed in for {user_id}/{document_id}",
+                    stray.seq, stray.user_id, stray.document_id
+                ),
+            ));
+        }
+        let chunks = chunks.to_vec();
+        self.write("put_chunks", move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let exists = tx
+                .prepare_cached("SELECT 1 FROM documents WHERE user_id = ?1 AND id = ?2")?
+                .exists([id(user_id), id(document_id)])?;
+            if !exists {
+                return Ok(false);
+            }
+            {
+                let mut insert = tx.prepare_cached(concat!(
+                    "INSERT INTO chunks (",
+                    chunk_cols!(),
+                    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+                     ON CONFLICT (user_id, document_id, seq) DO UPDATE SET \
+                     text = excluded.text, position = excluded.position, \
+                     token_count = excluded.token_count, embedding = excluded.embedding"
+                ))?;
+                for c in &chunks {
+                    insert.execute(params![
+                        id(c.user_id),
+                        id(c.document_id),
+                        c.seq,
+                        c.text,
+                        json(&c.position)?,
+                        c.token_count,
+                        c.embedding.as_deref().map(encode_embedding),
+                    ])?;
+                }
+            }
+            tx.commit()?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn delete_chunks(&self, user_id: Uuid, document_id: Uuid) -> StoreResult<u64> {
+        self.write("delete_chunks", move |conn| {
+            let deleted = conn
+                .prepare_cached("DELETE FROM chunks WHERE user_id = ?1 AND document_id = ?2")?
+                .execute([id(user_id), id(document_id)])?;
+            Ok(deleted as u64)
+        })
+        .await
+    }
+
+    async fn list_chunks(&self, user_id: Uuid, document_id: Uuid) -> StoreResult<Vec<Chunk>> {
+        self.read("list_chunks", move |conn| {
+            conn.prepare_cached(concat!(
+                "SELECT ",
+                chunk_cols!(),
+                " FROM chunks WHERE user_id = ?1 AND document_id = ?2 ORDER BY seq"
+            ))?
+            .query_map([id(user_id), id(document_id)], chunk_from_row)?
+            .collect()
+        })
+        .await
+    }
+
+    async fn list_user_chunks(
+        &self,
+        user_id: Uuid,
+        limit: usize,
+        cursor: Option<ChunkCursor>,
+    ) -> StoreResult<Page<Chunk, ChunkCursor>> {
+        let (limit, fetch) = fetch_limit(limit);
+        let items = self
+            .read("list_user_chunks", move |conn| match cursor {
+                None => conn
+                    .prepare_cached(concat!(
+                        "SELECT ",
+                        chunk_cols!(),
+                        " FROM chunks WHERE user_id = ?1 ORDER BY document_id, seq LIMIT ?2"
+                    ))?
+                    .query_map(params![id(user_id), fetch], chunk_from_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>(),
+                Some(after) => conn
+                    .prepare_cached(concat!(
+                        "SELECT ",
+                        chunk_cols!(),
+                        " FROM chunks WHERE user_id = ?1 \
+                         AND (document_id > ?2 OR (document_id = ?2 AND seq > ?3)) \
+                         ORDER BY document_id, seq LIMIT ?4"
+                    ))?
+                    .query_map(
+                        params![id(user_id), id(after.document_id), after.seq, fetch],
+                        chunk_from_row,
+                    )?
+                    .collect::<rusqlite::Result<Vec<_>>>(),
+            })
+            .await?;
+        Ok(into_page(items, limit, |c| ChunkCursor {
+            document_id: c.document_id,
+            seq: c.seq,
+        }))
     }
 }
 

@@ -165,10 +165,45 @@ CREATE TABLE billing_events (
 ALTER TABLE messages ADD COLUMN deployment TEXT;
 "#,
     },
+    Migration {
+        version: 6,
+        name: "documents and their chunks",
+        sql: r#"
+CREATE TABLE documents (
+    user_id     TEXT    NOT NULL,
+    id          TEXT    NOT NULL,
+    name        TEXT    NOT NULL,
+    mime        TEXT    NOT NULL,
+    size        INTEGER NOT NULL,
+    status      TEXT    NOT NULL,
+    progress    REAL    NOT NULL,
+    chunk_count INTEGER NOT NULL,
+    error       TEXT,
+    blob_key    TEXT    NOT NULL,
+    created_at  INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL,
+    PRIMARY KEY (user_id, id)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX documents_unfinished ON documents (created_at)
+    WHERE status IN ('pending', 'processing');
+
+CREATE TABLE chunks (
+    user_id     TEXT    NOT NULL,
+    document_id TEXT    NOT NULL,
+    seq         INTEGER NOT NULL,
+    text        TEXT    NOT NULL,
+    position    TEXT    NOT NULL,
+    token_count INTEGER NOT NULL,
+    embedding   BLOB,
+    PRIMARY KEY (user_id, document_id, seq),
+    FOREIGN KEY (user_id, document_id) REFERENCES documents (user_id, id) ON DELETE CASCADE
+) STRICT, WITHOUT ROWID;
+"#,
+    },
 ];
 
 /// The newest schema version this binary knows.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// What a migration run did (see [`SqliteStore::migrate`](super::SqliteStore::migrate)).
 #[derive(Debug, Clone, PartialEq, Eq)]
