@@ -9,6 +9,7 @@
 //! `UserSession` (through [`session::Sessions`]) to change anything, and may read straight from
 //! the [`store::Store`].
 
+pub mod indexer;
 pub mod metrics;
 pub mod node;
 pub mod provider;
