@@ -291,6 +291,17 @@ impl UserIndex {
         hits.into_iter().map(|(_, hit)| hit).collect()
     }
 
+    /// Returns spare capacity to the allocator, e.g. after a rebuild from the store (growing
+    /// vectors keep up to twice what they hold).
+    pub fn shrink_to_fit(&mut self) {
+        self.postings.iter_mut().for_each(Vec::shrink_to_fit);
+        self.postings.shrink_to_fit();
+        self.slots.shrink_to_fit();
+        self.vectors.shrink_to_fit();
+        self.row_slot.shrink_to_fit();
+        self.by_document.values_mut().for_each(Vec::shrink_to_fit);
+    }
+
     pub fn stats(&self) -> IndexStats {
         let postings: usize = self.postings.iter().map(Vec::len).sum();
         let approx_bytes = self.slots.capacity() * size_of::<Slot>()
@@ -501,6 +512,7 @@ impl UserIndex {
         self.terms = terms;
         self.postings = postings;
         self.dead = 0;
+        self.shrink_to_fit();
         if self.row_slot.is_empty() {
             self.dimensions = 0;
         }

@@ -84,6 +84,17 @@ impl LocalEmbedder {
         })
     }
 
+    /// How many tokens the model sees of each text ([CLS] and [SEP] included; at most
+    /// [`MAX_TOKENS`]: a text counted at the maximum was truncated).
+    pub fn token_counts(&self, texts: &[String]) -> Result<Vec<usize>, EmbedError> {
+        let encodings = self
+            .model
+            .tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
+        Ok(encodings.iter().map(|e| e.get_ids().len()).collect())
+    }
+
     /// Embeds `texts` on the calling thread (blocking; CPU-bound).
     pub fn embed_blocking(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
         if texts.is_empty() {
