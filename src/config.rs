@@ -96,6 +96,7 @@ pub struct RawConfig {
     pub metrics: RawMetrics,
     pub log: RawLog,
     pub documents: RawDocuments,
+    pub embeddings: RawEmbeddings,
 }
 
 /// `[documents]`: where uploads are kept and how they are ingested.
@@ -116,6 +117,16 @@ pub struct RawDocuments {
     pub extract_timeout_secs: u64,
     pub ocr_tesseract: String,
     pub ocr_pdftoppm: String,
+}
+
+/// `[embeddings]`: how chunks and queries become vectors for retrieval.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEmbeddings {
+    pub kind: String,
+    pub local_model_dir: String,
+    pub provider_model: String,
+    pub batch_size: usize,
 }
 
 /// `[routing]`: retries, failover and circuit breakers of the provider pools.
@@ -257,6 +268,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub log: LogConfig,
     pub documents: DocumentsSettings,
+    pub embeddings: chorus_actors::indexer::embed::EmbeddingsConfig,
 }
 
 /// `[documents]`, validated.
@@ -561,6 +573,8 @@ impl Config {
             ));
         }
 
+        let embeddings = validate_embeddings(&raw, &catalogue)?;
+
         Ok(Config {
             data_dir: raw.data_dir.clone(),
             server: ServerConfig {
@@ -598,6 +612,7 @@ impl Config {
                 level: raw.log.level.clone(),
             },
             documents,
+            embeddings,
             raw,
         })
     }
@@ -707,6 +722,59 @@ fn validate_documents(
             },
             ..Default::default()
         },
+    })
+}
+
+/// `[embeddings]`: the kind, its model, and a batch size the providers accept.
+fn validate_embeddings(
+    raw: &RawConfig,
+    catalogue: &chorus_actors::provider::catalogue::CatalogueFile,
+) -> Result<chorus_actors::indexer::embed::EmbeddingsConfig, ConfigError> {
+    use chorus_actors::indexer::embed::{EmbedderKind, EmbeddingsConfig};
+    let e = &raw.embeddings;
+    if !(1..=2048).contains(&e.batch_size) {
+        return Err(invalid("embeddings.batch_size", "must be within 1..=2048"));
+    }
+    let kind = match e.kind.as_str() {
+        "none" => EmbedderKind::None,
+        "local" => EmbedderKind::Local {
+            model_dir: if e.local_model_dir.is_empty() {
+                raw.data_dir.join("models").join("all-MiniLM-L6-v2")
+            } else {
+                PathBuf::from(&e.local_model_dir)
+            },
+        },
+        "provider" => {
+            let model = catalogue.models.iter().find(|m| m.id == e.provider_model);
+            match model {
+                Some(m) if m.capabilities.iter().any(|c| c == "embeddings") => {}
+                Some(_) => {
+                    return Err(invalid(
+                        "embeddings.provider_model",
+                        format!("`{}` has no `embeddings` capability", e.provider_model),
+                    ));
+                }
+                None => {
+                    return Err(invalid(
+                        "embeddings.provider_model",
+                        format!("`{}` is not a model of the catalogue", e.provider_model),
+                    ));
+                }
+            }
+            EmbedderKind::Provider {
+                model: e.provider_model.clone(),
+            }
+        }
+        other => {
+            return Err(invalid(
+                "embeddings.kind",
+                format!("`{other}` is not one of: local, provider, none"),
+            ));
+        }
+    };
+    Ok(EmbeddingsConfig {
+        kind,
+        batch_size: e.batch_size,
     })
 }
 
@@ -1091,6 +1159,57 @@ mod tests {
             config.server.cors,
             CorsOrigins::List(vec!["https://a.example".into(), "https://b.example".into()])
         );
+    }
+
+    #[test]
+    fn embeddings_default_to_the_local_model_under_the_data_dir() {
+        use chorus_actors::indexer::embed::EmbedderKind;
+        let config = Config::load(None, env(&[])).unwrap();
+        assert_eq!(
+            config.embeddings.kind,
+            EmbedderKind::Local {
+                model_dir: PathBuf::from("./data/models/all-MiniLM-L6-v2")
+            }
+        );
+        assert_eq!(config.embeddings.batch_size, 32);
+        let config = Config::load(
+            None,
+            env(&[
+                ("CHORUS__EMBEDDINGS__KIND", "provider"),
+                (
+                    "CHORUS__EMBEDDINGS__PROVIDER_MODEL",
+                    "text-embedding-3-small",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            config.embeddings.kind,
+            EmbedderKind::Provider {
+                model: "text-embedding-3-small".into()
+            }
+        );
+        for (key, value, named) in [
+            ("CHORUS__EMBEDDINGS__KIND", "magic", "embeddings.kind"),
+            (
+                "CHORUS__EMBEDDINGS__BATCH_SIZE",
+                "0",
+                "embeddings.batch_size",
+            ),
+        ] {
+            let text = error_text(Config::load(None, env(&[(key, value)])));
+            assert!(text.contains(named), "{text}");
+        }
+        for model in ["nope", "mock-lorem"] {
+            let text = error_text(Config::load(
+                None,
+                env(&[
+                    ("CHORUS__EMBEDDINGS__KIND", "provider"),
+                    ("CHORUS__EMBEDDINGS__PROVIDER_MODEL", model),
+                ]),
+            ));
+            assert!(text.contains("embeddings.provider_model"), "{text}");
+        }
     }
 
     #[test]

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The per-user retrieval index and the local embedder, in process (no server, no network):
+# search p50/p99/max over 10k and 100k synthetic chunks of one user (lexical, vector, hybrid,
+# hybrid with a document filter), the index's build time and size; recall@1/@5 and MRR of
+# BM25-only, vector-only and hybrid on the shipped corpus (tests/fixtures/retrieval) with the
+# real all-MiniLM-L6-v2; local embedding throughput.
+#
+#   load-tests/retrieval.sh [QUERIES] [SIZES]        (defaults: 300 10000,100000)
+#
+# Needs the model: scripts/fetch-minilm (installs it when missing; CHORUS_MINILM_DIR overrides
+# where it lives). Builds only chorus-actors in release.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/fetch-minilm >/dev/null
+cargo run --release --quiet -p chorus-actors --example retrieval_bench -- "${1:-300}" "${2:-10000,100000}"
