@@ -15,6 +15,7 @@ use anyhow::Context as _;
 use chorus_actors::Node;
 use chorus_actors::blob::BlobStore;
 use chorus_actors::indexer::Documents;
+use chorus_actors::indexer::embed::ForChunks;
 use chorus_actors::node::DocumentsConfig;
 use chorus_actors::quota::{KeyedLimiter, LimitSpec, RedisSettings, TokenBuckets, buckets_for};
 use chorus_actors::session::Sessions;
@@ -51,6 +52,8 @@ pub struct AppState {
     pub metrics: Arc<EdgeMetrics>,
     /// Uploaded documents' blob store and the node's indexer.
     pub documents: Documents,
+    /// Turns search queries (and chunks, in the indexer) into vectors; `None`: lexical only.
+    pub embedder: Option<Arc<dyn chorus_actors::indexer::embed::Embedder>>,
     /// Set when shutdown begins, so `/readyz` turns 503 while in-flight requests drain.
     pub shutting_down: AtomicBool,
 }
@@ -205,16 +208,25 @@ impl Application {
         );
         let mut sessions = config.sessions.clone();
         sessions.key_opener = Some(provider_keys.clone());
+        // Without a usable embedder (e.g. the local model not fetched) retrieval is lexical
+        // only, and says so (`mode` in search results).
+        let embedder =
+            chorus_actors::indexer::embed::build_or_lexical(&config.embeddings, &catalogue).await;
+        tracing::info!(
+            embedder = embedder.as_ref().map_or("none (lexical only)", |e| e.id()),
+            "embeddings"
+        );
+        let mut indexer = config.documents.indexer.clone();
+        indexer.embedder = embedder
+            .clone()
+            .map(|e| Arc::new(ForChunks(e)) as Arc<dyn chorus_actors::indexer::ChunkEmbedder>);
         let blobs = BlobStore::open(&config.documents.blobs).context("opening the blob store")?;
         tracing::info!(kind = blobs.kind(), "blob store ready");
         let node = Node::start_with(
             store.clone(),
             catalogue.clone(),
             sessions,
-            Some(DocumentsConfig {
-                blobs,
-                indexer: config.documents.indexer.clone(),
-            }),
+            Some(DocumentsConfig { blobs, indexer }),
         )
         .await?;
         let documents = node
@@ -247,6 +259,7 @@ impl Application {
             shared_buckets,
             metrics: Arc::new(EdgeMetrics::default()),
             documents,
+            embedder,
             shutting_down: AtomicBool::new(false),
         });
         Ok(Application {

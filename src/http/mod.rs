@@ -17,6 +17,7 @@ mod models;
 mod openai;
 mod ops;
 mod patch;
+mod search;
 mod threads;
 mod validate;
 mod views;
@@ -236,6 +237,12 @@ pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
             .and(warp::delete())
             .and(ctx.clone())
             .then(|id, c| respond(c, move |c| documents::delete(c, id))))
+        .unify()
+        .or(warp::path!("api" / "v1" / "search")
+            .and(warp::post())
+            .and(ctx.clone())
+            .and(body())
+            .then(|c, b| respond(c, move |c| search::search(c, b))))
         .unify()
         .boxed();
 

@@ -513,7 +513,10 @@ mod tests {
         .unwrap();
         let gpt = with_key.get("gpt-4o").unwrap();
         assert_eq!(gpt.provider_id, "openai");
-        assert!(gpt.tokenizer.is_none(), "upstream `echo` is no OpenAI model");
+        assert!(
+            gpt.tokenizer.is_none(),
+            "upstream `echo` is no OpenAI model"
+        );
         assert!((gpt.cost_usd(1_000_000, 500_000) - 6.0).abs() < 1e-9);
     }
 

@@ -14,6 +14,7 @@
 pub mod context;
 pub mod events;
 mod quota;
+pub mod retrieval;
 mod supervisor;
 pub mod turn;
 mod user_session;
@@ -121,6 +122,16 @@ pub enum SessionError {
     },
 }
 
+/// `POST /api/v1/search`, validated by the edge (the query embedded there, off the session).
+#[derive(Debug, Clone)]
+pub struct SearchQuery {
+    pub query: String,
+    pub embedding: Option<Vec<f32>>,
+    /// Only these documents (each must be the user's and ready).
+    pub document_ids: Option<Vec<Uuid>>,
+    pub top_k: usize,
+}
+
 /// Fields of `POST /api/v1/threads`, validated by the edge.
 #[derive(Debug, Clone, Default)]
 pub struct NewThread {
@@ -212,6 +223,19 @@ impl Sessions {
     /// Number of sessions currently alive on this node.
     pub fn live_count(&self) -> usize {
         self.live.read().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Searches the user's ready documents (hybrid when `query.embedding` is given and chunks
+    /// have vectors); counts against the tier's monthly RAG limit.
+    pub async fn search(
+        &self,
+        user_id: Uuid,
+        query: SearchQuery,
+    ) -> Result<retrieval::SearchResults, SessionError> {
+        self.request(user_id, |reply| {
+            UserSessionMessage::Search(query.clone(), reply)
+        })
+        .await
     }
 
     /// Writes the user's pending usage counters, so a read of the `usage` table that follows

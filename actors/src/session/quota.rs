@@ -81,6 +81,35 @@ impl Quotas {
         self.tiers.get(&user.tier)
     }
 
+    /// Checks the monthly RAG limit before a retrieval (a search, or documents attached to a
+    /// message); returns the period to count it in once it ran.
+    pub async fn admit_rag(
+        &self,
+        store: &dyn Store,
+        book: &mut UsageBook,
+        user: &User,
+    ) -> Result<String, SessionError> {
+        let now = self.clock.now();
+        let period = period_of(now);
+        let (_, tier) = self.tier(user);
+        if let Some(limit) = tier.monthly.rag_queries {
+            let used = book.counters(store, user.id, &period).await?;
+            let used = used.get("rag_queries").copied().unwrap_or(0).max(0) as u64;
+            if used >= limit {
+                metrics()
+                    .quota_rejections_total
+                    .inc(["monthly_rag_queries"]);
+                return Err(SessionError::QuotaExceeded {
+                    what: "rag_queries".into(),
+                    limit,
+                    used,
+                    resets_at: next_period_start(now),
+                });
+            }
+        }
+        Ok(period)
+    }
+
     /// Refuses a model the user's tier may not use.
     pub fn check_model(
         &self,

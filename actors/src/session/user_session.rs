@@ -21,9 +21,11 @@ use uuid::Uuid;
 use super::context::{self, count_tokens};
 use super::events::ThreadEvents;
 use super::quota::{Held, Quotas, Reservation, UsageBook, usage_deltas};
+use super::retrieval::{Retrieval, SearchResults};
 use super::turn::{LegResult, Turn, TurnArgs, TurnLeg, TurnTimeouts};
 use super::{
-    NewThread, ProfilePatch, SendMessage, SessionError, ThreadPatch, TierRoleChange, TurnStarted,
+    NewThread, ProfilePatch, SearchQuery, SendMessage, SessionError, ThreadPatch, TierRoleChange,
+    TurnStarted,
 };
 use crate::indexer::Documents;
 use crate::provider::catalogue::{Catalogue, Model};
@@ -85,6 +87,8 @@ pub struct UserSessionState {
     /// The user row, read once: every change to it goes through this session.
     user: Option<User>,
     documents: Option<Documents>,
+    /// The user's document index, built on first use.
+    retrieval: Option<Retrieval>,
 }
 
 #[derive(RactorMessage)]
@@ -137,6 +141,11 @@ pub enum UserSessionMessage {
     SummaryComputed(Summary, Option<RpcReplyPort<Result<Summary, SessionError>>>),
     /// Periodic self-check: stop when idle for `idle_timeout`.
     IdleCheck,
+    /// Searches the user's documents.
+    Search(
+        SearchQuery,
+        RpcReplyPort<Result<SearchResults, SessionError>>,
+    ),
     /// Writes pending usage counters to the store (from a timer, or before `/me/usage` reads).
     FlushUsage(Option<RpcReplyPort<Result<(), SessionError>>>),
     /// The tier's largest upload, in bytes.
@@ -178,6 +187,7 @@ impl Actor for UserSession {
             flush_scheduled: false,
             user: None,
             documents: args.documents,
+            retrieval: None,
         })
     }
 
@@ -327,10 +337,11 @@ impl Actor for UserSession {
                 for (kind, delta) in usage_deltas(used_tokens, cost_usd).into_iter().flatten() {
                     state.usage.add(&period, kind, delta);
                 }
-                if state.usage.has_pending() && !state.flush_scheduled {
-                    state.flush_scheduled = true;
-                    myself.send_after(USAGE_FLUSH_AFTER, || UserSessionMessage::FlushUsage(None));
-                }
+                schedule_usage_flush(&myself, state);
+            }
+            UserSessionMessage::Search(query, reply) => {
+                let result = search(&myself, state, query).await;
+                let _ = reply.send(result);
             }
             UserSessionMessage::FlushUsage(reply) => {
                 state.flush_scheduled = false;
@@ -1005,6 +1016,54 @@ fn held(state: &UserSessionState) -> Held {
         .values()
         .fold(Held::default(), |h, t| h.add(t.reservation.tokens));
     state.open.values().fold(turns, |h, tokens| h.add(*tokens))
+}
+
+/// `Search`: the user's index brought up to date, the documents checked, one RAG query counted.
+async fn search(
+    myself: &ActorRef<UserSessionMessage>,
+    state: &mut UserSessionState,
+    query: SearchQuery,
+) -> Result<SearchResults, SessionError> {
+    let user = current_user(state).await?;
+    let period = state
+        .quotas
+        .admit_rag(&*state.store, &mut state.usage, &user)
+        .await?;
+    let retrieval = state.retrieval.get_or_insert_with(Retrieval::default);
+    let ready = retrieval.refresh(&*state.store, state.user_id).await?;
+    if let Some(ids) = &query.document_ids {
+        for id in ids {
+            if ready.contains(id) {
+                continue;
+            }
+            // Not the user's (or gone): 404, as for any other resource; theirs but still
+            // being ingested (or failed): say so.
+            return match state.store.get_document(state.user_id, *id).await? {
+                None => Err(SessionError::NotFound),
+                Some(document) => Err(SessionError::Invalid(format!(
+                    "document {id} is {} and cannot be searched",
+                    document.status.as_str()
+                ))),
+            };
+        }
+    }
+    let results = retrieval.search(
+        &query.query,
+        query.embedding.as_deref(),
+        query.document_ids.as_deref(),
+        query.top_k,
+    );
+    state.usage.add(&period, "rag_queries", 1);
+    schedule_usage_flush(myself, state);
+    Ok(results)
+}
+
+/// Writes pending usage about a second from now (one write for many requests).
+fn schedule_usage_flush(myself: &ActorRef<UserSessionMessage>, state: &mut UserSessionState) {
+    if state.usage.has_pending() && !state.flush_scheduled {
+        state.flush_scheduled = true;
+        myself.send_after(USAGE_FLUSH_AFTER, || UserSessionMessage::FlushUsage(None));
+    }
 }
 
 /// The user row, from the session's copy (read once; changes come through this session).

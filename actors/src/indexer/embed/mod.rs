@@ -63,6 +63,17 @@ pub trait Embedder: Send + Sync {
     async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError>;
 }
 
+/// The node's embedder as the indexer's [`ChunkEmbedder`](crate::indexer::ChunkEmbedder): the
+/// vectors stored with chunks come from the same model that embeds search queries.
+pub struct ForChunks(pub Arc<dyn Embedder>);
+
+#[async_trait]
+impl crate::indexer::ChunkEmbedder for ForChunks {
+    async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, String> {
+        self.0.embed(texts).await.map_err(|e| e.to_string())
+    }
+}
+
 /// Which embedder a node runs (`[embeddings]`, validated).
 #[derive(Debug, Clone, PartialEq)]
 pub enum EmbedderKind {
