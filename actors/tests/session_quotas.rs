@@ -148,6 +148,8 @@ fn message(text: &str, models: &[&str]) -> SendMessage {
         models: models.iter().map(|m| (*m).to_owned()).collect(),
         max_tokens: Some(64),
         temperature: None,
+        document_ids: Vec::new(),
+        query_embedding: None,
     }
 }
 

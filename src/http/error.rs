@@ -223,6 +223,7 @@ impl From<SessionError> for ApiError {
     fn from(error: SessionError) -> Self {
         match error {
             SessionError::NotFound => ApiError::new(ErrorCode::NotFound, "not found"),
+            SessionError::DocumentNotFound => ApiError::not_found("document"),
             SessionError::Store(store) => store.into(),
             SessionError::Conflict(what) => ApiError::new(ErrorCode::Conflict, what),
             SessionError::Invalid(what) => ApiError::validation(what),

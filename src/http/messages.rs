@@ -83,7 +83,7 @@ pub async fn send(ctx: Ctx, thread: String, body: Body) -> Result<Response, ApiE
     let principal = ctx.authenticate()?;
     let thread_id = ids(&thread)?;
     let body: SendBody = ctx.json(body).await?;
-    let send = validate_send(
+    let mut send = validate_send(
         &ctx,
         body.content,
         body.model,
@@ -91,7 +91,8 @@ pub async fn send(ctx: Ctx, thread: String, body: Body) -> Result<Response, ApiE
         body.temperature,
         body.max_tokens,
     )?;
-    reject_unsupported(body.web_search, body.document_ids.as_deref())?;
+    reject_unsupported(body.web_search, None)?;
+    attach_documents(&ctx, &mut send, body.document_ids).await?;
     let stream = body.stream.unwrap_or(true);
     let started = ctx
         .state
@@ -152,8 +153,8 @@ pub async fn send(ctx: Ctx, thread: String, body: Body) -> Result<Response, ApiE
     Ok(response)
 }
 
-/// Web search and documents arrive with later issues; until then asking for them is an error,
-/// not a silent no-op.
+/// Web search arrives with a later issue; until then asking for it is an error, not a silent
+/// no-op. Documents over the WebSocket likewise (they work on `POST …/messages`).
 pub fn reject_unsupported(
     web_search: Option<bool>,
     document_ids: Option<&[String]>,
@@ -167,8 +168,46 @@ pub fn reject_unsupported(
     if document_ids.is_some_and(|d| !d.is_empty()) {
         return Err(ApiError::field(
             "document_ids",
-            "documents are not available on this server yet",
+            "documents are attached with POST /api/v1/threads/{id}/messages, not yet over the WebSocket",
         ));
+    }
+    Ok(())
+}
+
+/// Most documents one message may name before the tier's own limit is even looked at.
+const DOCUMENTS_PER_MESSAGE_MAX: usize = 100;
+
+/// Attaches `document_ids` to a message: ids checked (an id that is no document id is a 404, as
+/// any other resource), duplicates dropped, and the message embedded for retrieval among them.
+pub async fn attach_documents(
+    ctx: &Ctx,
+    send: &mut SendMessage,
+    document_ids: Option<Vec<String>>,
+) -> Result<(), ApiError> {
+    let Some(raw) = document_ids.filter(|ids| !ids.is_empty()) else {
+        return Ok(());
+    };
+    if raw.len() > DOCUMENTS_PER_MESSAGE_MAX {
+        return Err(ApiError::field(
+            "document_ids",
+            format!("at most {DOCUMENTS_PER_MESSAGE_MAX} documents"),
+        ));
+    }
+    let mut ids = Vec::with_capacity(raw.len());
+    for id in raw {
+        let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("document"))?;
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    send.document_ids = ids;
+    if let Some(embedder) = &ctx.state.embedder {
+        match embedder.embed(std::slice::from_ref(&send.content)).await {
+            Ok(mut vectors) => send.query_embedding = vectors.pop(),
+            Err(e) => {
+                tracing::warn!(error = %e, "embedding a message failed; retrieving lexically")
+            }
+        }
     }
     Ok(())
 }
@@ -216,6 +255,8 @@ pub fn validate_send(
         models: list,
         max_tokens,
         temperature,
+        document_ids: Vec::new(),
+        query_embedding: None,
     })
 }
 

@@ -143,6 +143,8 @@ pub struct MessageView<'a> {
     pub provider: Option<&'a str>,
     /// The deployment (models.toml) that served an assistant message.
     pub deployment: Option<&'a str>,
+    /// Document passages the answer was given (document, position, text).
+    pub citations: &'a [chorus_actors::store::Citation],
     pub parent_id: Option<Uuid>,
     pub turn_id: Option<Uuid>,
     #[serde(serialize_with = "rfc3339")]
@@ -164,6 +166,7 @@ impl<'a> From<&'a Message> for MessageView<'a> {
             ttft_ms: m.ttft_ms,
             provider: m.provider.as_deref(),
             deployment: m.deployment.as_deref(),
+            citations: &m.citations,
             parent_id: m.parent_id,
             turn_id: m.turn_id,
             created_at: m.created_at,

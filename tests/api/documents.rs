@@ -871,3 +871,139 @@ async fn without_an_embedder_search_is_lexical_and_says_so() {
         "{body}"
     );
 }
+
+/// A mock model whose window is too small for the shipped corpus whole, and one that fits it.
+const RAG_MODELS: &str = r#"
+[providers.mock]
+kind = "mock"
+
+[[models]]
+id = "mock-small"
+name = "Mock echo with a small window"
+provider = "mock"
+upstream = "echo"
+context_length = 1000
+input_per_mtok = 0.0
+output_per_mtok = 0.0
+capabilities = ["chat", "stream"]
+tiers = ["free", "pro", "enterprise"]
+max_output_tokens = 100
+
+[[models]]
+id = "mock-large"
+name = "Mock echo with a large window"
+provider = "mock"
+upstream = "echo"
+context_length = 100000
+input_per_mtok = 0.0
+output_per_mtok = 0.0
+capabilities = ["chat", "stream"]
+tiers = ["free", "pro", "enterprise"]
+max_output_tokens = 100
+"#;
+
+#[tokio::test]
+async fn documents_attached_to_a_message_come_back_as_citations() {
+    let app = TestApp::builder()
+        .models_toml(RAG_MODELS)
+        .env("CHORUS__EMBEDDINGS__LOCAL_MODEL_DIR", &minilm_dir())
+        .spawn()
+        .await;
+    let owner = app.register_user().await;
+    let token = owner.token();
+    let passages = jsonl("passages.jsonl");
+    let mut markdown = String::from("# Corpus\n\n");
+    for p in &passages {
+        markdown.push_str(&format!(
+            "## {}\n\n{}\n\n",
+            p["id"].as_str().unwrap(),
+            p["text"].as_str().unwrap()
+        ));
+    }
+    let id = upload(&app, token, "corpus.md", markdown.as_bytes()).await;
+    ready(&app, token, &id).await;
+    let thread = crate::helpers::id_of(&app.create_thread(token, &json!({ "title": "rag" })).await);
+    let send = |model: &'static str, ids: Value| {
+        let app = &app;
+        let thread = thread.clone();
+        async move {
+            app.post_json(
+                &format!("/api/v1/threads/{thread}/messages"),
+                Some(token),
+                &json!({
+                    "content": "How often should I feed my sourdough starter?",
+                    "model": model,
+                    "document_ids": ids,
+                    "stream": false,
+                }),
+            )
+            .await
+        }
+    };
+
+    // Too big for the small window: the best passages are retrieved, the right one among them.
+    let body = body_json(send("mock-small", json!([id])).await).await;
+    let answer = &body["assistant_messages"][0];
+    assert_eq!(answer["status"], "complete", "{body}");
+    let citations = answer["citations"].as_array().unwrap();
+    assert!(!citations.is_empty() && citations.len() <= 5, "{body}");
+    assert!(
+        citations
+            .iter()
+            .any(|c| c["position"]["heading_path"][1] == "p02"),
+        "the feeding passage is cited: {body}"
+    );
+    for c in citations {
+        assert_eq!(c["document_id"], id.as_str());
+        assert_eq!(c["document_name"], "corpus.md");
+        assert!(!c["text"].as_str().unwrap().is_empty());
+    }
+    // Stored with the message: reading the thread back returns them.
+    let messages = app
+        .get_ok(&format!("/api/v1/threads/{thread}/messages"), token)
+        .await;
+    let stored = messages["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == answer["id"])
+        .cloned()
+        .unwrap();
+    assert_eq!(stored["citations"], answer["citations"]);
+
+    // Small enough for the large window: sent whole, every passage in order.
+    let body = body_json(send("mock-large", json!([id])).await).await;
+    let citations = body["assistant_messages"][0]["citations"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(citations.len(), passages.len(), "{body}");
+    assert_eq!(citations[0]["position"]["heading_path"][1], "p01");
+
+    // Both counted against the RAG limit.
+    let usage = app.get_ok("/api/v1/me/usage", token).await;
+    assert_eq!(usage["used"]["rag_queries"], 2, "{usage}");
+
+    // Another user cannot attach it: 404 naming the document, and nothing stored.
+    let other = app.register_user().await;
+    let their_thread = crate::helpers::id_of(&app.create_thread(other.token(), &json!({})).await);
+    let response = app
+        .post_json(
+            &format!("/api/v1/threads/{their_thread}/messages"),
+            Some(other.token()),
+            &json!({ "content": "hi", "model": "mock-small", "document_ids": [id], "stream": false }),
+        )
+        .await;
+    let error = assert_error(response, 404, "NOT_FOUND").await;
+    assert!(
+        error["message"].as_str().unwrap().contains("document"),
+        "{error}"
+    );
+    let theirs = app
+        .get_ok(
+            &format!("/api/v1/threads/{their_thread}/messages"),
+            other.token(),
+        )
+        .await;
+    assert_eq!(theirs["messages"], json!([]), "{theirs}");
+}

@@ -894,6 +894,7 @@ pub fn message(
         ttft_ms: None,
         provider: None,
         deployment: None,
+        citations: Vec::new(),
         parent_id: None,
         turn_id: None,
         created_at: chrono::Utc::now(),

@@ -167,6 +167,7 @@ mod tests {
             ttft_ms: None,
             provider: None,
             deployment: None,
+            citations: Vec::new(),
             parent_id: None,
             turn_id: None,
             created_at: Utc::now(),

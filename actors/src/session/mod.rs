@@ -82,6 +82,10 @@ pub enum SessionError {
     /// The resource does not exist or belongs to another user (the edge answers 404 for both).
     #[error("not found")]
     NotFound,
+    /// A document named by a message or a search is not the user's (or gone): 404 naming it,
+    /// whatever the request's main resource is.
+    #[error("document not found")]
+    DocumentNotFound,
     /// The change would break a rule of the user's data (e.g. too many API keys).
     #[error("conflict: {0}")]
     Conflict(String),
@@ -157,6 +161,10 @@ pub struct SendMessage {
     pub models: Vec<String>,
     pub max_tokens: Option<u32>,
     pub temperature: Option<f64>,
+    /// Documents to answer from (each the user's and ready).
+    pub document_ids: Vec<Uuid>,
+    /// The message embedded by the edge, for retrieval among `document_ids`.
+    pub query_embedding: Option<Vec<f32>>,
 }
 
 /// A turn that has started: its stored user message and assistant placeholders, and where to

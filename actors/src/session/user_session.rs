@@ -21,7 +21,7 @@ use uuid::Uuid;
 use super::context::{self, count_tokens};
 use super::events::ThreadEvents;
 use super::quota::{Held, Quotas, Reservation, UsageBook, usage_deltas};
-use super::retrieval::{Retrieval, SearchResults};
+use super::retrieval::{Passage, Retrieval, SearchResults};
 use super::turn::{LegResult, Turn, TurnArgs, TurnLeg, TurnTimeouts};
 use super::{
     NewThread, ProfilePatch, SearchQuery, SendMessage, SessionError, ThreadPatch, TierRoleChange,
@@ -32,8 +32,8 @@ use crate::provider::catalogue::{Catalogue, Model};
 use crate::provider::routing::{self, RouteOptions};
 use crate::provider::{ChatMessage, ChatRequest, ChatRole, KeyOpener};
 use crate::store::{
-    ApiKey, Document, Message, MessageQuery, MessageRole, MessageStatus, Order, ProviderKey, Store,
-    Summary, Thread, Usage, User,
+    ApiKey, Citation, Document, Message, MessageQuery, MessageRole, MessageStatus, Order,
+    ProviderKey, Store, Summary, Thread, Usage, User,
 };
 
 pub struct UserSession;
@@ -753,6 +753,7 @@ fn new_message(state: &UserSessionState, thread_id: Uuid, turn_id: Uuid) -> Mess
         ttft_ms: None,
         provider: None,
         deployment: None,
+        citations: Vec::new(),
         parent_id: None,
         turn_id: Some(turn_id),
         created_at: Utc::now(),
@@ -814,9 +815,62 @@ async fn launch_turn(
             .quotas
             .check_model(&user, &model.spec.id, &model.spec.tiers)?;
     }
+    // Documents attached to the message: checked, then sent whole when they fit half of the
+    // smallest window, else the best passages retrieved — all before anything is stored.
+    let mut sources: Option<(Vec<Passage>, &'static str, String)> = None;
+    if !send.document_ids.is_empty() {
+        let (_, tier) = state.quotas.tier(&user);
+        let most = tier.files_per_request as usize;
+        if send.document_ids.len() > most {
+            return Err(SessionError::Invalid(format!(
+                "at most {most} documents per message on your plan"
+            )));
+        }
+        let period = state
+            .quotas
+            .admit_rag(&*store, &mut state.usage, &user)
+            .await?;
+        let retrieval = state.retrieval.get_or_insert_with(Retrieval::default);
+        let ready = retrieval.refresh(&*store, state.user_id).await?;
+        check_documents(&*store, state.user_id, &ready, &send.document_ids).await?;
+        let budget = models
+            .iter()
+            .map(|m| m.spec.context_length as usize)
+            .min()
+            .unwrap_or(0)
+            / 2;
+        let whole: Vec<Passage> = send
+            .document_ids
+            .iter()
+            .flat_map(|id| retrieval.document_passages(*id))
+            .collect();
+        let whole_tokens: usize = whole.iter().map(|p| p.text.len().div_ceil(4)).sum();
+        let (passages, mode) = if whole_tokens <= budget {
+            (whole, "whole")
+        } else {
+            let found = retrieval.search(
+                &send.content,
+                send.query_embedding.as_deref(),
+                Some(&send.document_ids),
+                RAG_TOP_K,
+            );
+            (found.results, "retrieval")
+        };
+        sources = Some((passages, mode, period));
+    }
+    let source_tokens: u64 = sources.as_ref().map_or(0, |(passages, _, _)| {
+        passages
+            .iter()
+            .map(|p| p.text.len().div_ceil(4) as u64)
+            .sum()
+    });
     let estimate = models
         .iter()
-        .map(|m| count_tokens(m, &send.content) as u64 + u64::from(leg_max_tokens(&send, m)))
+        .map(|m| {
+            count_tokens(m, &send.content) as u64
+                + source_tokens
+                + u64::from(leg_max_tokens(&send, m))
+        })
         .sum();
     let held_now = held(state);
     *reservation = Some(
@@ -863,6 +917,22 @@ async fn launch_turn(
         .system_prompt
         .clone()
         .or_else(|| user.settings.system_prompt.clone());
+    let (system_prompt, citations) = match &sources {
+        Some((passages, _, _)) if !passages.is_empty() => (
+            Some(with_sources(system_prompt.as_deref(), passages)),
+            passages
+                .iter()
+                .map(|p| Citation {
+                    document_id: p.document_id,
+                    document_name: p.document_name.clone(),
+                    chunk: p.chunk,
+                    position: p.position.clone(),
+                    text: p.text.clone(),
+                })
+                .collect(),
+        ),
+        _ => (system_prompt, Vec::new()),
+    };
     let temperature = send.temperature.or(user.settings.temperature);
 
     let mut legs = Vec::with_capacity(models.len());
@@ -889,6 +959,7 @@ async fn launch_turn(
             model: Some(model.spec.id.clone()),
             status: MessageStatus::Streaming,
             parent_id: Some(user_message.id),
+            citations: citations.clone(),
             ..new_message(state, thread_id, turn_id)
         };
         store.append_message(&message).await?;
@@ -926,6 +997,26 @@ async fn launch_turn(
 
     let log = log_for(state, thread_id);
     let from_seq = log.next_seq();
+    if let Some((passages, mode, period)) = &sources {
+        let documents = send.document_ids.len();
+        let message = match *mode {
+            "whole" => format!(
+                "sending {documents} document(s) whole ({} passages)",
+                passages.len()
+            ),
+            _ => format!(
+                "retrieved {} passages from {documents} document(s)",
+                passages.len()
+            ),
+        };
+        log.append(
+            turn_id,
+            "status",
+            &json!({ "stage": "retrieval", "mode": mode, "message": message, "passages": passages.len() }),
+        );
+        state.usage.add(period, "rag_queries", 1);
+        schedule_usage_flush(myself, state);
+    }
     let (cancel, cancel_rx) = watch::channel(false);
     let (first_tx, first_rx) = oneshot::channel();
     let message_ids = assistant_messages.iter().map(|m| m.id).collect();
@@ -1032,20 +1123,7 @@ async fn search(
     let retrieval = state.retrieval.get_or_insert_with(Retrieval::default);
     let ready = retrieval.refresh(&*state.store, state.user_id).await?;
     if let Some(ids) = &query.document_ids {
-        for id in ids {
-            if ready.contains(id) {
-                continue;
-            }
-            // Not the user's (or gone): 404, as for any other resource; theirs but still
-            // being ingested (or failed): say so.
-            return match state.store.get_document(state.user_id, *id).await? {
-                None => Err(SessionError::NotFound),
-                Some(document) => Err(SessionError::Invalid(format!(
-                    "document {id} is {} and cannot be searched",
-                    document.status.as_str()
-                ))),
-            };
-        }
+        check_documents(&*state.store, state.user_id, &ready, ids).await?;
     }
     let results = retrieval.search(
         &query.query,
@@ -1056,6 +1134,57 @@ async fn search(
     state.usage.add(&period, "rag_queries", 1);
     schedule_usage_flush(myself, state);
     Ok(results)
+}
+
+/// Each of `ids` must be one of the user's `ready` documents: another user's (or a missing) one
+/// is a 404 like any other resource, one still being ingested (or failed) a 400 saying so.
+async fn check_documents(
+    store: &dyn Store,
+    user_id: Uuid,
+    ready: &[Uuid],
+    ids: &[Uuid],
+) -> Result<(), SessionError> {
+    for id in ids {
+        if ready.contains(id) {
+            continue;
+        }
+        return match store.get_document(user_id, *id).await? {
+            None => Err(SessionError::DocumentNotFound),
+            Some(document) => Err(SessionError::Invalid(format!(
+                "document {id} is {} and cannot be used yet",
+                document.status.as_str()
+            ))),
+        };
+    }
+    Ok(())
+}
+
+/// Passages retrieved for a message when its documents do not fit the context whole.
+const RAG_TOP_K: usize = 5;
+
+/// The system prompt with the numbered sources the model is asked to cite.
+fn with_sources(system_prompt: Option<&str>, passages: &[Passage]) -> String {
+    let mut prompt = String::new();
+    if let Some(base) = system_prompt {
+        prompt.push_str(base);
+        prompt.push_str("\n\n");
+    }
+    prompt.push_str(
+        "Answer from the numbered sources below when they are relevant, and cite them like [1]. \
+         If they do not contain the answer, say so.\n",
+    );
+    for (n, passage) in passages.iter().enumerate() {
+        let mut place = passage.document_name.clone();
+        for heading in &passage.position.heading_path {
+            place.push_str(" › ");
+            place.push_str(heading);
+        }
+        if let Some(page) = passage.position.page {
+            place.push_str(&format!(" (page {page})"));
+        }
+        prompt.push_str(&format!("\n[{}] {place}:\n{}\n", n + 1, passage.text));
+    }
+    prompt
 }
 
 /// Writes pending usage about a second from now (one write for many requests).

@@ -166,6 +166,7 @@ pub fn message(thread: &Thread, secs: i64, model: Option<&str>) -> Message {
         ttft_ms: None,
         provider: None,
         deployment: None,
+        citations: Vec::new(),
         parent_id: None,
         turn_id: None,
         created_at: at(secs),
@@ -1040,6 +1041,7 @@ pub async fn message_round_trips_and_updates(store: Arc<dyn Store>) {
         status: MessageStatus::Streaming,
         provider: Some("openai".to_owned()),
         deployment: None,
+        citations: Vec::new(),
         parent_id: Some(question.id),
         turn_id: Some(Uuid::now_v7()),
         created_at: at(2),
@@ -1074,6 +1076,7 @@ pub async fn message_round_trips_and_updates(store: Arc<dyn Store>) {
         ttft_ms: Some(180),
         provider: Some("azure".to_owned()),
         deployment: Some("gpt-4o@azure".to_owned()),
+        citations: Vec::new(),
         model: Some("gpt-4o-2024".to_owned()),
         ..answer.clone()
     };

@@ -192,10 +192,23 @@ pub struct Message {
     pub provider: Option<String>,
     /// The deployment (models.toml) that served an assistant message.
     pub deployment: Option<String>,
+    /// Document passages an assistant message was given (retrieval, or whole documents).
+    pub citations: Vec<Citation>,
     /// The message this one answers (the user message for an assistant reply).
     pub parent_id: Option<Uuid>,
     pub turn_id: Option<Uuid>,
     pub created_at: DateTime<Utc>,
+}
+
+/// A document passage given to a model for an answer (stored with the message as JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Citation {
+    pub document_id: Uuid,
+    pub document_name: String,
+    /// The chunk's `seq` within the document.
+    pub chunk: u32,
+    pub position: ChunkPosition,
+    pub text: String,
 }
 
 /// `summaries` (partition `(user_id, thread_id)`, clustering `model`).

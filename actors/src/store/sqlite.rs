@@ -50,7 +50,7 @@ use uuid::Uuid;
 pub use migrations::{AppliedMigration, MigrationReport, SCHEMA_VERSION};
 
 use super::{
-    ApiKey, BillingEvent, Chunk, ChunkCursor, ChunkPosition, Document, DocumentProgress,
+    ApiKey, BillingEvent, Chunk, ChunkCursor, ChunkPosition, Citation, Document, DocumentProgress,
     DocumentStatus, Message, MessageQuery, MessageRole, MessageStatus, ModelStats, Order, Page,
     ProviderKey, RefreshToken, Role, Share, SpendOutcome, Store, StoreError, StoreResult, Summary,
     Thread, ThreadCursor, ThreadQuery, Usage, User,
@@ -508,8 +508,32 @@ fn thread_from_row(row: &Row<'_>) -> rusqlite::Result<Thread> {
 macro_rules! message_cols {
     () => {
         "user_id, thread_id, id, role, model, content, status, input_tokens, output_tokens, \
-         cost_usd, latency_ms, ttft_ms, provider, parent_id, turn_id, created_at, deployment"
+         cost_usd, latency_ms, ttft_ms, provider, parent_id, turn_id, created_at, deployment, \
+         citations"
     };
+}
+
+/// Citations as stored: JSON, or NULL for none.
+fn citations_text(citations: &[Citation]) -> rusqlite::Result<Option<String>> {
+    if citations.is_empty() {
+        return Ok(None);
+    }
+    serde_json::to_string(citations)
+        .map(Some)
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+}
+
+fn citations_col(row: &Row<'_>, index: usize) -> rusqlite::Result<Vec<Citation>> {
+    match row.get::<_, Option<String>>(index)? {
+        None => Ok(Vec::new()),
+        Some(text) => serde_json::from_str(&text).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(
+                index,
+                rusqlite::types::Type::Text,
+                Box::new(e),
+            )
+        }),
+    }
 }
 
 fn message_from_row(row: &Row<'_>) -> rusqlite::Result<Message> {
@@ -533,6 +557,7 @@ fn message_from_row(row: &Row<'_>) -> rusqlite::Result<Message> {
         turn_id: opt_uuid_col(row, 14)?,
         created_at: time_col(row, 15)?,
         deployment: row.get(16)?,
+        citations: citations_col(row, 17)?,
     })
 }
 
@@ -1063,7 +1088,7 @@ impl Store for SqliteStore {
             tx.prepare_cached(concat!(
                 "INSERT INTO messages (",
                 message_cols!(),
-                ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+                ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
             ))?
             .execute(params![
                 id(m.user_id),
@@ -1083,6 +1108,7 @@ impl Store for SqliteStore {
                 opt_id(m.turn_id),
                 micros(m.created_at),
                 m.deployment,
+                citations_text(&m.citations)?,
             ])?;
             tx.prepare_cached(
                 "UPDATE threads SET message_count = message_count + 1, \

@@ -200,10 +200,17 @@ CREATE TABLE chunks (
 ) STRICT, WITHOUT ROWID;
 "#,
     },
+    Migration {
+        version: 7,
+        name: "the document passages an answer was given",
+        sql: r#"
+ALTER TABLE messages ADD COLUMN citations TEXT;
+"#,
+    },
 ];
 
 /// The newest schema version this binary knows.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// What a migration run did (see [`SqliteStore::migrate`](super::SqliteStore::migrate)).
 #[derive(Debug, Clone, PartialEq, Eq)]
