@@ -745,6 +745,20 @@ fn jsonl(name: &str) -> Vec<Value> {
         .collect()
 }
 
+/// The shipped corpus as one Markdown document, a section per passage (one chunk each, its
+/// heading path ending in the passage id).
+fn corpus_markdown(passages: &[Value]) -> String {
+    let mut markdown = String::from("# Corpus\n\n");
+    for p in passages {
+        markdown.push_str(&format!(
+            "## {}\n\n{}\n\n",
+            p["id"].as_str().unwrap(),
+            p["text"].as_str().unwrap()
+        ));
+    }
+    markdown
+}
+
 async fn search(app: &TestApp, token: &str, body: &Value) -> Response {
     app.post_json("/api/v1/search", Some(token), body).await
 }
@@ -763,16 +777,8 @@ async fn questions_about_an_uploaded_document_find_their_passage_in_the_top_3() 
     let owner = app.register_user().await;
     let token = owner.token();
 
-    // The shipped corpus as one Markdown document, a section per passage (one chunk each).
     let passages = jsonl("passages.jsonl");
-    let mut markdown = String::from("# Corpus\n\n");
-    for p in &passages {
-        markdown.push_str(&format!(
-            "## {}\n\n{}\n\n",
-            p["id"].as_str().unwrap(),
-            p["text"].as_str().unwrap()
-        ));
-    }
+    let markdown = corpus_markdown(&passages);
     let id = upload(&app, token, "corpus.md", markdown.as_bytes()).await;
     let document = ready(&app, token, &id).await;
     assert_eq!(document["chunks"], passages.len(), "{document}");
@@ -912,14 +918,7 @@ async fn documents_attached_to_a_message_come_back_as_citations() {
     let owner = app.register_user().await;
     let token = owner.token();
     let passages = jsonl("passages.jsonl");
-    let mut markdown = String::from("# Corpus\n\n");
-    for p in &passages {
-        markdown.push_str(&format!(
-            "## {}\n\n{}\n\n",
-            p["id"].as_str().unwrap(),
-            p["text"].as_str().unwrap()
-        ));
-    }
+    let markdown = corpus_markdown(&passages);
     let id = upload(&app, token, "corpus.md", markdown.as_bytes()).await;
     ready(&app, token, &id).await;
     let thread = crate::helpers::id_of(&app.create_thread(token, &json!({ "title": "rag" })).await);
