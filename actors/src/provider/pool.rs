@@ -287,6 +287,15 @@ impl Deployment {
             live.probes_in_flight = live.probes_in_flight.saturating_sub(1);
         }
         live.calls += 1;
+        // Outcomes older than the window no longer count, whatever this one is.
+        let window_start = now.checked_sub(policy.window).unwrap_or(now);
+        while live
+            .outcomes
+            .front()
+            .is_some_and(|(t, _)| *t < window_start)
+        {
+            live.outcomes.pop_front();
+        }
         match failure {
             None => {
                 let sample = latency.as_secs_f64() * 1000.0;
@@ -315,14 +324,6 @@ impl Deployment {
                 if let Some(wait) = error.retry_after() {
                     live.cooldown_until = Some(now + wait);
                 }
-                let window_start = now.checked_sub(policy.window).unwrap_or(now);
-                while live
-                    .outcomes
-                    .front()
-                    .is_some_and(|(t, _)| *t < window_start)
-                {
-                    live.outcomes.pop_front();
-                }
                 let total = live.outcomes.len() as u32;
                 let failed = live.outcomes.iter().filter(|(_, ok)| !ok).count() as u32;
                 let rate_trips = total >= policy.min_requests
@@ -343,14 +344,6 @@ impl Deployment {
                     live.outcomes.clear();
                 }
             }
-        }
-        let window_start = now.checked_sub(policy.window).unwrap_or(now);
-        while live
-            .outcomes
-            .front()
-            .is_some_and(|(t, _)| *t < window_start)
-        {
-            live.outcomes.pop_front();
         }
     }
 

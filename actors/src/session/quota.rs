@@ -21,10 +21,11 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use super::SessionError;
+use super::turn::LegResult;
 use crate::metrics::metrics;
 use crate::quota::tiers::{TierSpec, Tiers};
 use crate::quota::{Admission, BucketSpec, Clock, LocalBuckets, next_period_start, period_of};
-use crate::store::{Store, User};
+use crate::store::{MessageStatus, Store, User};
 
 /// What one admitted request holds until it is settled. Not `Clone`: settling consumes it.
 #[derive(Debug)]
@@ -252,17 +253,34 @@ fn refused(what: &str, admission: Admission) -> SessionError {
     }
 }
 
-/// The usage deltas of one answered request or turn (the kinds `/me/usage` reports), or
-/// nothing when it was refused before any output (not a chat message, as for turns).
-pub(crate) fn usage_deltas(used_tokens: u64, cost_usd: f64) -> Option<[(&'static str, i64); 3]> {
-    if used_tokens == 0 && cost_usd <= 0.0 {
-        return None;
-    }
-    Some([
+/// The usage of one answered request or turn, by the counter kinds `/me/usage` reports.
+pub(crate) fn usage_deltas(used_tokens: u64, cost_usd: f64) -> [(&'static str, i64); 3] {
+    [
         ("chat_messages", 1),
         ("tokens", i64::try_from(used_tokens).unwrap_or(i64::MAX)),
         ("cost_micro_usd", (cost_usd * 1_000_000.0).round() as i64),
-    ])
+    ]
+}
+
+/// A `/v1` request's usage; nothing when it was refused before any output (not a chat
+/// message, as for turns).
+pub(crate) fn request_usage(used_tokens: u64, cost_usd: f64) -> Option<[(&'static str, i64); 3]> {
+    (used_tokens > 0 || cost_usd > 0.0).then(|| usage_deltas(used_tokens, cost_usd))
+}
+
+/// A turn's usage — one chat message, the tokens and cost of every leg — or nothing when every
+/// provider refused it before output (the user is not charged for that). The turn writes it to
+/// the store; the session counts the same figures in its book.
+pub(crate) fn turn_usage(results: &[LegResult]) -> Option<[(&'static str, i64); 3]> {
+    let answered = results
+        .iter()
+        .any(|r| r.message.status != MessageStatus::Failed || !r.message.content.is_empty());
+    let tokens: u64 = results
+        .iter()
+        .map(|r| (r.message.usage.input_tokens + r.message.usage.output_tokens).max(0) as u64)
+        .sum();
+    let cost: f64 = results.iter().map(|r| r.message.cost_usd).sum();
+    answered.then(|| usage_deltas(tokens, cost))
 }
 
 /// The user's monthly counters as their session knows them: read from the store once per

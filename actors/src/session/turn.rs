@@ -205,24 +205,10 @@ async fn run(args: TurnArgs) {
     )
     .await;
 
-    // Usage counters: one chat message per turn, tokens and cost of every leg.
-    let (tokens, cost): (i64, f64) = results.iter().fold((0, 0.0), |(t, c), r| {
-        (
-            t + r.message.usage.input_tokens + r.message.usage.output_tokens,
-            c + r.message.cost_usd,
-        )
-    });
+    // Usage counters (the session counts the same figures in its book).
     let user_id = results.first().map(|r| r.message.user_id);
-    // A turn every provider refused outright is not a chat message the user is charged for.
-    let answered = results
-        .iter()
-        .any(|r| r.message.status != MessageStatus::Failed || !r.message.content.is_empty());
-    if let Some(user_id) = user_id.filter(|_| answered) {
-        for (kind, delta) in [
-            ("chat_messages", 1),
-            ("tokens", tokens),
-            ("cost_micro_usd", (cost * 1_000_000.0).round() as i64),
-        ] {
+    if let (Some(user_id), Some(deltas)) = (user_id, super::quota::turn_usage(&results)) {
+        for (kind, delta) in deltas {
             if let Err(e) = store.add_usage(user_id, &usage_period, kind, delta).await {
                 tracing::error!(error = %e, kind, "recording usage failed");
             }

@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use super::context::{self, count_tokens};
 use super::events::ThreadEvents;
-use super::quota::{Held, Quotas, Reservation, UsageBook, usage_deltas};
+use super::quota::{Held, Quotas, Reservation, UsageBook, request_usage, turn_usage};
 use super::retrieval::{Passage, Retrieval, SearchResults};
 use super::turn::{LegResult, Turn, TurnArgs, TurnLeg, TurnTimeouts};
 use super::{
@@ -334,7 +334,7 @@ impl Actor for UserSession {
                 state.open.remove(&reservation.id);
                 let period = reservation.period.clone();
                 state.quotas.settle(reservation, used_tokens);
-                for (kind, delta) in usage_deltas(used_tokens, cost_usd).into_iter().flatten() {
+                for (kind, delta) in request_usage(used_tokens, cost_usd).into_iter().flatten() {
                     state.usage.add(&period, kind, delta);
                 }
                 schedule_usage_flush(&myself, state);
@@ -1256,15 +1256,8 @@ async fn turn_finished(
         .map(|r| (r.message.usage.input_tokens + r.message.usage.output_tokens).max(0) as u64)
         .sum();
     // The turn wrote its usage to the store (turn.rs); the book counts it from now on.
-    let cost: f64 = results.iter().map(|r| r.message.cost_usd).sum();
-    let answered = results
-        .iter()
-        .any(|r| r.message.status != MessageStatus::Failed || !r.message.content.is_empty());
-    if answered {
-        for (kind, delta) in usage_deltas(used.max(1), cost).into_iter().flatten() {
-            let delta = if kind == "tokens" { used as i64 } else { delta };
-            state.usage.observe(&turn.reservation.period, kind, delta);
-        }
+    for (kind, delta) in turn_usage(&results).into_iter().flatten() {
+        state.usage.observe(&turn.reservation.period, kind, delta);
     }
     state.quotas.settle(turn.reservation, used);
     if let Some((prompt, model)) = turn.title_from {
