@@ -96,7 +96,7 @@ pub struct Completion {
 }
 
 /// Why a provider call failed, classified so retries and failover are decided from types.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum ProviderError {
     /// 401/403: the key is missing, wrong or not allowed this model.
     #[error("provider rejected the credentials: {message}")]

@@ -34,7 +34,7 @@ pub use local::{Decision, KeyedLimiter, LimitSpec};
 pub use redis::RedisBuckets;
 
 /// A bucket's shape: it holds up to `capacity` and refills continuously at `refill_per_sec`.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct BucketSpec {
     pub capacity: u64,
     pub refill_per_sec: f64,
@@ -98,7 +98,7 @@ impl BucketSpec {
 const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
 
 /// The answer of a bucket, with what the `X-RateLimit-*` and `Retry-After` headers need.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Admission {
     pub allowed: bool,
     pub limit: u64,

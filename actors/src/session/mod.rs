@@ -127,7 +127,7 @@ pub enum SessionError {
 }
 
 /// `POST /api/v1/search`, validated by the edge (the query embedded there, off the session).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SearchQuery {
     pub query: String,
     pub embedding: Option<Vec<f32>>,
@@ -137,7 +137,7 @@ pub struct SearchQuery {
 }
 
 /// Fields of `POST /api/v1/threads`, validated by the edge.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct NewThread {
     pub title: Option<String>,
     pub system_prompt: Option<String>,
@@ -145,7 +145,7 @@ pub struct NewThread {
 }
 
 /// `PATCH /api/v1/threads/{id}`: `None` leaves a field alone, `Some(None)` clears it.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ThreadPatch {
     pub title: Option<Option<String>>,
     pub system_prompt: Option<Option<String>>,
@@ -154,7 +154,7 @@ pub struct ThreadPatch {
 }
 
 /// `POST /api/v1/threads/{id}/messages`, validated by the edge.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct SendMessage {
     pub content: String,
     /// Empty: the thread's model, else the user's default, else the first enabled chat model.
@@ -182,7 +182,7 @@ pub struct TurnStarted {
 }
 
 /// `PATCH /api/v1/me`: `None` leaves a field alone, `Some(None)` clears it.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ProfilePatch {
     pub display_name: Option<Option<String>>,
     pub default_model: Option<Option<String>>,
@@ -192,7 +192,7 @@ pub struct ProfilePatch {
 
 /// A change of a user's plan or role, by an admin or the billing webhook; `None` leaves a field
 /// alone. The tier is validated against the configured tiers by the caller.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct TierRoleChange {
     pub tier: Option<String>,
     pub role: Option<Role>,

@@ -28,7 +28,7 @@ use crate::quota::{Admission, BucketSpec, Clock, LocalBuckets, next_period_start
 use crate::store::{MessageStatus, Store, User};
 
 /// What one admitted request holds until it is settled. Not `Clone`: settling consumes it.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Reservation {
     pub id: Uuid,
     pub user_id: Uuid,

@@ -21,7 +21,7 @@ use crate::store::{ChunkPosition, DocumentStatus, Store};
 const DOCUMENT_PAGE: usize = 100;
 
 /// One retrieved chunk, for the search API and for a turn's context.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Passage {
     pub document_id: Uuid,
     pub document_name: String,
@@ -33,10 +33,10 @@ pub struct Passage {
     pub vector_rank: Option<u32>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct SearchResults {
     /// `hybrid` (BM25 and vectors, fused), or `lexical` (no embedder, or no vectors stored).
-    pub mode: &'static str,
+    pub mode: std::borrow::Cow<'static, str>,
     pub results: Vec<Passage>,
 }
 
@@ -154,7 +154,7 @@ impl Retrieval {
             })
             .collect();
         SearchResults {
-            mode: if hybrid { "hybrid" } else { "lexical" },
+            mode: if hybrid { "hybrid" } else { "lexical" }.into(),
             results,
         }
     }

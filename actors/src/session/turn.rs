@@ -65,7 +65,7 @@ pub struct TurnLeg {
 }
 
 /// How the turn started, for an edge deciding between an SSE stream and an HTTP error.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum FirstOutcome {
     /// At least one model produced output (or finished cleanly with none).
     Started,

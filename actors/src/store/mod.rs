@@ -81,7 +81,7 @@ pub struct UserSettings {
 }
 
 /// `users` (partition `user_id`) plus its `users_by_email` lookup.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct User {
     pub id: Uuid,
     /// Normalised (trimmed, lower-cased) by the caller; unique across users.
@@ -122,7 +122,7 @@ pub enum SpendOutcome {
 }
 
 /// `api_keys` (partition `key_hash`). The raw key is shown once and never stored.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ApiKey {
     pub id: Uuid,
     pub key_hash: String,
@@ -134,7 +134,7 @@ pub struct ApiKey {
 }
 
 /// `threads` (partition `user_id`, clustering `thread_id`).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Thread {
     pub user_id: Uuid,
     /// UUIDv7.
@@ -176,7 +176,7 @@ pub struct Usage {
 
 /// `messages` (partition `(user_id, thread_id)`, clustering `message_id`, a UUIDv7 so that id order
 /// is time order).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Message {
     pub user_id: Uuid,
     pub thread_id: Uuid,
@@ -212,7 +212,7 @@ pub struct Citation {
 }
 
 /// `summaries` (partition `(user_id, thread_id)`, clustering `model`).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Summary {
     pub user_id: Uuid,
     pub thread_id: Uuid,
@@ -235,7 +235,7 @@ pub struct Share {
 
 /// `provider_keys` (partition `user_id`, clustering `provider`): a user's own provider key,
 /// encrypted by the caller (AES-256-GCM); the store only keeps the sealed bytes.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ProviderKey {
     pub user_id: Uuid,
     pub provider: String,
@@ -293,7 +293,7 @@ impl DocumentStatus {
 
 /// `documents` (partition `user_id`, clustering `document_id`, a UUIDv7 so that id order is
 /// upload order). The bytes live in the blob store under `blob_key`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Document {
     pub user_id: Uuid,
     pub id: Uuid,
