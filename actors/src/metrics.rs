@@ -70,6 +70,15 @@ pub struct Metrics {
     /// `quota_backend_degraded{backend}`: 1 while a quota backend (e.g. `redis`) is unreachable
     /// and limits run on the local fallback, else 0.
     pub quota_backend_degraded: GaugeFamily<1>,
+    /// `cluster_members{state}`: nodes this node counts in the cluster (itself included), by
+    /// state (`alive`, `suspected`, `leaving`).
+    pub cluster_members: GaugeFamily<1>,
+    /// `cluster_node_events_total{event}`: membership changes seen (`joined`, `suspected`,
+    /// `leaving`, `left`, `dead`, `auth_failed`).
+    pub cluster_node_events_total: CounterFamily<1>,
+    /// `cluster_remote_calls_total{outcome}`: user-scoped calls sent to another node's home
+    /// session (`ok`, `timeout`, `unreachable`).
+    pub cluster_remote_calls_total: CounterFamily<1>,
 }
 
 /// The process-wide metrics, registered on first use.
@@ -151,6 +160,24 @@ impl Metrics {
                 "quota_backend_degraded",
                 "1 while a quota backend is unreachable and limits run locally",
                 ["backend"],
+            ),
+            cluster_members: GaugeFamily::new(
+                &registry,
+                "cluster_members",
+                "Nodes counted in the cluster by this node, by state",
+                ["state"],
+            ),
+            cluster_node_events_total: CounterFamily::new(
+                &registry,
+                "cluster_node_events_total",
+                "Cluster membership changes seen by this node, by event",
+                ["event"],
+            ),
+            cluster_remote_calls_total: CounterFamily::new(
+                &registry,
+                "cluster_remote_calls_total",
+                "User-scoped calls sent to another node's home session, by outcome",
+                ["outcome"],
             ),
             registry,
         }

@@ -1,12 +1,42 @@
 //! `chorus-cluster`: turns one node into many (ARCHITECTURE.md, Workspace).
 //!
-//! Today a node is a cluster of one: [`Placement`] answers every user's home with this node, so
-//! the edge's routing decision exists from day one and the cluster issue swaps in the
-//! consistent-hash ring, membership and cross-node calls behind the same question.
+//! ```text
+//! ClusterSupervisor (this crate's Cluster handle)
+//! ├─ NodeServer (ractor_cluster)   authenticated node sessions, process groups
+//! ├─ Membership                    seeds/DNS, reconnect, heartbeats, versioned view + ring
+//! ├─ Router  (remote-capable)      user-scoped calls for users homed here, heartbeats
+//! └─ Relay   (remote-capable)      turn events to edges on other nodes, with credits
+//! ```
+//!
+//! Without a `[cluster]` section a node is a cluster of one: [`Cluster::single`] routes every
+//! user to the local sessions and nothing else runs.
+
+pub mod codec;
+pub mod homes;
+pub mod membership;
+pub mod peer;
+pub mod relay;
+pub mod ring;
 
 use std::fmt;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
 
+use chorus_actors::session::Sessions;
+use ractor::{Actor, ActorRef};
+use ractor_cluster::node::NodeConnectionMode;
+use ractor_cluster::{NodeServer, NodeServerMessage};
+use tokio::sync::watch;
 use uuid::Uuid;
+
+pub use homes::{EventStream, HomeTurn, Homes, Subscription, turn_events};
+pub use membership::{MemberState, MemberView, MembershipConfig, View};
+
+use homes::Dispatcher;
+use membership::{Membership, MembershipArgs, MembershipMessage, SessionEvents, SharedView};
+use peer::{PeerEndpoint, PeerMessage, RELAY_GROUP, ROUTER_GROUP};
+use relay::Relay;
 
 /// A node's name in the cluster (default: the hostname).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -28,49 +58,254 @@ impl fmt::Display for NodeId {
     }
 }
 
-/// Where each user's `UserSession` lives. Cheap and local: no I/O.
-#[derive(Debug, Clone)]
-pub struct Placement {
-    local: NodeId,
+/// `[cluster]` as the cluster takes it.
+#[derive(Clone)]
+pub struct ClusterConfig {
+    pub node_name: String,
+    /// The node-to-node port.
+    pub listen: SocketAddr,
+    /// Where peers reach this node; default: `listen` (with the hostname if it is unspecified).
+    pub advertise: Option<String>,
+    /// Shared secret; never logged.
+    pub cookie: String,
+    pub seeds: Vec<String>,
+    pub seed_dns: Option<String>,
+    pub dns_refresh: Duration,
+    pub heartbeat_interval: Duration,
+    /// A peer silent this long is dead (suspected after half of it).
+    pub heartbeat_timeout: Duration,
+    /// Upper bound of one call to a remote home.
+    pub call_timeout: Duration,
+    pub vnodes: usize,
 }
 
-impl Placement {
-    /// A cluster of one: every user is homed on `local`.
-    pub fn single_node(local: NodeId) -> Self {
-        Placement { local }
+impl fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("node_name", &self.node_name)
+            .field("listen", &self.listen)
+            .field("advertise", &self.advertise)
+            .field("cookie", &"<redacted>")
+            .field("seeds", &self.seeds)
+            .field("seed_dns", &self.seed_dns)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("starting the cluster: {0}")]
+    Start(String),
+}
+
+/// This node's part of the cluster. Cheap to clone.
+#[derive(Clone)]
+pub struct Cluster {
+    local: NodeId,
+    view: SharedView,
+    changes: watch::Receiver<Arc<View>>,
+    homes: Homes,
+    relay: Arc<Relay>,
+    running: Option<Arc<Running>>,
+}
+
+struct Running {
+    node_server: ActorRef<NodeServerMessage>,
+    membership: ActorRef<MembershipMessage>,
+    endpoints: Vec<ActorRef<PeerMessage>>,
+}
+
+impl Cluster {
+    /// A cluster of one: every user is homed here.
+    pub fn single(local: NodeId, sessions: Sessions, first_wait: Duration) -> Cluster {
+        let view = Arc::new(View::initial(local.clone(), String::new(), 1));
+        let (tx, changes) = watch::channel(view.clone());
+        drop(tx);
+        Cluster {
+            homes: Homes::local(sessions, first_wait),
+            relay: Arc::new(Relay::new(local.as_str().to_owned())),
+            local,
+            view: Arc::new(RwLock::new(view)),
+            changes,
+            running: None,
+        }
+    }
+
+    /// Starts the node server, the router, the relay and membership, and begins joining.
+    pub async fn start(
+        config: ClusterConfig,
+        sessions: Sessions,
+        first_wait: Duration,
+    ) -> Result<Cluster, ClusterError> {
+        let local = NodeId::new(config.node_name.clone());
+        let advertise = config.advertise.clone().unwrap_or_else(|| {
+            if config.listen.ip().is_unspecified() {
+                let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
+                format!("{host}:{}", config.listen.port())
+            } else {
+                config.listen.to_string()
+            }
+        });
+        let vnodes = config.vnodes.max(1);
+        let view: SharedView = Arc::new(RwLock::new(Arc::new(View::initial(
+            local.clone(),
+            advertise.clone(),
+            vnodes,
+        ))));
+        let initial = view
+            .read()
+            .map(|v| v.clone())
+            .map_err(|_| ClusterError::Start("view poisoned".into()))?;
+        let (changes_tx, changes) = watch::channel(initial);
+        let relay = Arc::new(Relay::new(local.as_str().to_owned()));
+
+        let server = NodeServer::new(
+            config.listen.port(),
+            config.cookie.clone(),
+            local.as_str().to_owned(),
+            advertise
+                .rsplit_once(':')
+                .map_or(advertise.clone(), |(host, _)| host.to_owned()),
+            None,
+            Some(NodeConnectionMode::Isolated),
+        )
+        .with_listen_addr(config.listen.ip());
+        let (node_server, _) = Actor::spawn(None, server, ())
+            .await
+            .map_err(|e| ClusterError::Start(format!("node server: {e}")))?;
+
+        let dispatcher = Arc::new(Dispatcher {
+            sessions: sessions.clone(),
+            view: view.clone(),
+            relay: relay.clone(),
+            membership: OnceLock::new(),
+            first_wait,
+        });
+        let mut endpoints = Vec::new();
+        for group in [ROUTER_GROUP, RELAY_GROUP] {
+            let (endpoint, _) = Actor::spawn(
+                None,
+                PeerEndpoint,
+                (dispatcher.clone() as Arc<dyn peer::Inbox>, group),
+            )
+            .await
+            .map_err(|e| ClusterError::Start(format!("{group}: {e}")))?;
+            endpoints.push(endpoint);
+        }
+        let membership_config = MembershipConfig {
+            local: local.clone(),
+            advertise,
+            seeds: config.seeds.clone(),
+            seed_dns: config.seed_dns.clone(),
+            dns_refresh: config.dns_refresh,
+            heartbeat_interval: config.heartbeat_interval,
+            heartbeat_timeout: config.heartbeat_timeout,
+            vnodes,
+        };
+        let (membership, _) = Actor::spawn(
+            None,
+            Membership,
+            MembershipArgs {
+                config: membership_config,
+                node_server: node_server.clone(),
+                view: view.clone(),
+                changes: changes_tx,
+                relay: relay.clone(),
+            },
+        )
+        .await
+        .map_err(|e| ClusterError::Start(format!("membership: {e}")))?;
+        let _ = dispatcher.membership.set(membership.clone());
+        node_server
+            .cast(NodeServerMessage::SubscribeToEvents {
+                id: "chorus.membership".into(),
+                subscription: Box::new(SessionEvents(membership.clone())),
+            })
+            .map_err(|e| ClusterError::Start(format!("subscribing to node events: {e}")))?;
+        tracing::info!(
+            node = %local,
+            listen = %config.listen,
+            seeds = ?config.seeds,
+            seed_dns = ?config.seed_dns,
+            "cluster node started"
+        );
+        Ok(Cluster {
+            homes: Homes::clustered(
+                sessions,
+                view.clone(),
+                relay.clone(),
+                config.call_timeout,
+                first_wait,
+            ),
+            relay,
+            local,
+            view,
+            changes,
+            running: Some(Arc::new(Running {
+                node_server,
+                membership,
+                endpoints,
+            })),
+        })
     }
 
     pub fn local_node(&self) -> &NodeId {
         &self.local
     }
 
-    /// The node that owns `user`'s session.
-    pub fn home(&self, _user: Uuid) -> &NodeId {
-        &self.local
+    /// Whether this node runs with peers (a `[cluster]` section).
+    pub fn is_clustered(&self) -> bool {
+        self.running.is_some()
     }
 
-    pub fn is_local(&self, user: Uuid) -> bool {
-        self.home(user) == &self.local
+    pub fn homes(&self) -> &Homes {
+        &self.homes
     }
 
-    /// Members of the placement ring, for `/readyz` and the admin view.
-    pub fn members(&self) -> Vec<&NodeId> {
-        vec![&self.local]
+    /// The current view (members, ring).
+    pub fn view(&self) -> Arc<View> {
+        self.view
+            .read()
+            .map(|v| v.clone())
+            .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+    /// Announces every change of members or ring.
+    pub fn changes(&self) -> watch::Receiver<Arc<View>> {
+        self.changes.clone()
+    }
 
-    #[test]
-    fn a_single_node_homes_everyone_locally() {
-        let placement = Placement::single_node(NodeId::new("node-a"));
-        for _ in 0..100 {
-            let user = Uuid::now_v7();
-            assert_eq!(placement.home(user).as_str(), "node-a");
-            assert!(placement.is_local(user));
+    /// Whether `user` is homed on this node now.
+    pub fn is_home(&self, user: Uuid) -> bool {
+        let view = self.view();
+        view.ring
+            .home(user)
+            .is_none_or(|home| home == self.local.as_str())
+    }
+
+    /// Relayed streams this node sends (as a home) and receives (as an edge).
+    pub fn relay_streams(&self) -> (usize, usize) {
+        (self.relay.pumps(), self.relay.inbound())
+    }
+
+    /// Starts leaving: peers take this node out of the ring now; it keeps serving what runs.
+    pub async fn leave(&self) {
+        if let Some(running) = &self.running {
+            let _ = ractor::call_t!(running.membership, MembershipMessage::Leave, 2_000);
         }
-        assert_eq!(placement.members().len(), 1);
+    }
+
+    /// Stops the cluster actors (after [`Cluster::leave`] and draining).
+    pub async fn stop(&self) {
+        if let Some(running) = &self.running {
+            running.membership.stop(None);
+            for endpoint in &running.endpoints {
+                endpoint.stop(None);
+            }
+            let _ = running
+                .node_server
+                .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(2)))
+                .await;
+        }
     }
 }

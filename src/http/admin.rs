@@ -81,7 +81,7 @@ pub async fn patch_user(ctx: Ctx, id: String, body: Body) -> Result<Response, Ap
     }
     let user = ctx
         .state
-        .sessions
+        .homes
         .set_tier_role(user_id, change)
         .await
         .map_err(|e| ApiError::from_session(e, "user"))?;
@@ -111,4 +111,57 @@ pub async fn providers(ctx: Ctx) -> Result<Response, ApiError> {
         StatusCode::OK,
         &json!({ "providers": snapshot, "buckets": buckets }),
     ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterQuery {
+    /// Also say where this user is homed.
+    #[serde(default)]
+    user: Option<String>,
+}
+
+/// `GET /api/v1/admin/cluster[?user=ID]` → this node's view of the cluster: members with their
+/// state, the ring (members, virtual nodes, digest), the view's version and digest (equal on
+/// nodes that agree), relayed streams, and with `user` that user's home.
+pub async fn cluster(ctx: Ctx) -> Result<Response, ApiError> {
+    require_admin(&ctx).await?;
+    let query: ClusterQuery = ctx.query()?;
+    let cluster = &ctx.state.cluster;
+    let view = cluster.view();
+    let members: Vec<_> = view
+        .members
+        .iter()
+        .map(|m| {
+            json!({
+                "name": m.name,
+                "addr": m.addr,
+                "state": m.state.as_str(),
+                "last_heard_ms": m.last_heard.map(|d| d.as_millis() as u64),
+            })
+        })
+        .collect();
+    let (sending, receiving) = cluster.relay_streams();
+    let mut body = json!({
+        "node": cluster.local_node().as_str(),
+        "clustered": cluster.is_clustered(),
+        "version": view.version,
+        "digest": view.digest(),
+        "members": members,
+        "ring": {
+            "members": view.ring.members().iter().map(|m| m.as_str()).collect::<Vec<_>>(),
+            "vnodes": view.ring.vnodes(),
+            "digest": view.ring.digest(),
+        },
+        "relay": { "sending": sending, "receiving": receiving },
+        "sessions_live": ctx.state.sessions.live_count(),
+    });
+    if let Some(user) = query.user {
+        let user = Uuid::parse_str(&user).map_err(|_| ApiError::field("user", "not a user id"))?;
+        body["user"] = json!({
+            "id": user,
+            "home": view.ring.home(user).unwrap_or(cluster.local_node().as_str()),
+        });
+    }
+    Ok(json_response(StatusCode::OK, &body))
 }

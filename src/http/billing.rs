@@ -201,12 +201,7 @@ pub async fn webhook(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
         tier: Some(tier),
         role: None,
     };
-    match ctx
-        .state
-        .sessions
-        .set_tier_role(event.user_id, change)
-        .await
-    {
+    match ctx.state.homes.set_tier_role(event.user_id, change).await {
         Ok(user) => {
             tracing::info!(
                 event_id = %event.id,

@@ -98,7 +98,7 @@ pub async fn upload(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
             "send the document as multipart/form-data with a `file` field",
         )
     })?;
-    let limit = ctx.state.sessions.upload_limit(user_id).await?;
+    let limit = ctx.state.homes.upload_limit(user_id).await?;
     let declared = ctx
         .headers
         .get("content-length")
@@ -158,7 +158,7 @@ pub async fn upload(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
         created_at: now,
         updated_at: now,
     };
-    let document = match ctx.state.sessions.create_document(document).await {
+    let document = match ctx.state.homes.create_document(document).await {
         Ok(document) => document,
         Err(e) => {
             discard(&ctx, user_id, Some(id)).await;
@@ -355,7 +355,7 @@ pub async fn delete(ctx: Ctx, id: String) -> Result<Response, ApiError> {
     let principal = ctx.authenticate()?;
     let id = document_id(&id)?;
     ctx.state
-        .sessions
+        .homes
         .delete_document(principal.user_id, id)
         .await
         .map_err(|e| ApiError::from_session(e, "document"))?;

@@ -87,7 +87,7 @@ pub async fn patch_me(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
     }
     let user = ctx
         .state
-        .sessions
+        .homes
         .update_profile(principal.user_id, patch)
         .await
         .map_err(|e| match e {
@@ -116,7 +116,7 @@ pub async fn get_usage(ctx: Ctx) -> Result<Response, ApiError> {
         .ok_or_else(|| ApiError::unauthenticated("account no longer exists"))?;
     let (tier_id, tier) = ctx.state.config.tiers.get(&user.tier);
     // `/v1` usage is written by the user's session in batches: have it write what it holds.
-    ctx.state.sessions.flush_usage(principal.user_id).await?;
+    ctx.state.homes.flush_usage(principal.user_id).await?;
     let used = ctx
         .state
         .store
@@ -182,7 +182,7 @@ pub async fn create_api_key(ctx: Ctx, body: Body) -> Result<Response, ApiError> 
     };
     let row = ctx
         .state
-        .sessions
+        .homes
         .create_api_key(principal.user_id, row, limits.api_keys_per_user)
         .await?;
     let mut view = serde_json::to_value(ApiKeyView::from(&row))
@@ -202,7 +202,7 @@ pub async fn delete_api_key(ctx: Ctx, key_id: String) -> Result<Response, ApiErr
     let principal = ctx.authenticate()?;
     let key_id = Uuid::parse_str(&key_id).map_err(|_| ApiError::not_found("api key"))?;
     ctx.state
-        .sessions
+        .homes
         .delete_api_key(principal.user_id, key_id)
         .await
         .map_err(|e| ApiError::from_session(e, "api key"))?;
@@ -255,7 +255,7 @@ pub async fn put_provider_key(
         .provider_keys
         .seal(principal.user_id, provider, api_key)?;
     ctx.state
-        .sessions
+        .homes
         .put_provider_key(chorus_actors::store::ProviderKey {
             user_id: principal.user_id,
             provider: provider.to_owned(),
@@ -297,7 +297,7 @@ pub async fn delete_provider_key(ctx: Ctx, provider: String) -> Result<Response,
     let principal = ctx.authenticate()?;
     let provider = byok_provider(&provider)?;
     ctx.state
-        .sessions
+        .homes
         .delete_provider_key(principal.user_id, provider)
         .await
         .map_err(|e| ApiError::from_session(e, "provider key"))?;

@@ -12,6 +12,7 @@ use chorus_actors::provider::ProviderError;
 use chorus_actors::session::SendMessage;
 use chorus_actors::session::events::EventRecord;
 use chorus_actors::session::turn::FirstOutcome;
+use chorus_cluster::turn_events;
 use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
@@ -96,40 +97,29 @@ pub async fn send(ctx: Ctx, thread: String, body: Body) -> Result<Response, ApiE
     let stream = body.stream.unwrap_or(true);
     let started = ctx
         .state
-        .sessions
-        .start_turn(principal.user_id, thread_id, send)
+        .homes
+        .start_turn(principal.user_id, thread_id, send, true)
         .await
         .map_err(|e| ApiError::from_session(e, "thread"))?;
     let rate_limit = started.rate_limit;
 
-    // Peek at the first outcome before committing to a 200: a provider that fails before any
-    // output gets a real status code (STYLE.md, habit 6).
-    let wait = ctx.state.config.sessions.turn_timeouts.first_token + Duration::from_secs(5);
-    if let Ok(Ok(FirstOutcome::AllFailed(error))) =
-        tokio::time::timeout(wait, started.first_outcome).await
-    {
-        return Err(provider_error(&error)
+    // The home peeks at the first outcome before the edge commits to a 200: a provider that
+    // fails before any output gets a real status code (STYLE.md, habit 6).
+    if let Some(FirstOutcome::AllFailed(error)) = &started.first_outcome {
+        return Err(provider_error(error)
             .with_detail("user_message_id", json!(started.user_message.id))
             .with_detail("turn_id", json!(started.turn_id)));
     }
 
+    let events = turn_events(started.events, started.turn_id);
     if stream {
-        let events = started
-            .log
-            .reader(started.from_seq - 1)
-            .into_turn_stream(started.turn_id);
         let mut response = sse_response(events, ctx.state.config.keep_alive);
         set_rate_limit_headers(&mut response, &rate_limit);
         return Ok(response);
     }
 
     // Not streaming: wait for the turn to settle, then answer with the stored messages.
-    started
-        .log
-        .reader(started.from_seq - 1)
-        .into_turn_stream(started.turn_id)
-        .for_each(|_| futures_util::future::ready(()))
-        .await;
+    events.for_each(|_| futures_util::future::ready(())).await;
     let store = &ctx.state.store;
     let mut assistant = Vec::with_capacity(started.assistant_messages.len());
     for placeholder in &started.assistant_messages {
@@ -316,17 +306,14 @@ pub async fn events(ctx: Ctx, thread: String) -> Result<Response, ApiError> {
                 .ok_or_else(|| ApiError::validation("Last-Event-ID must be an event id"))
         })
         .transpose()?;
-    let log = ctx
+    let subscription = ctx
         .state
-        .sessions
-        .subscribe(principal.user_id, thread_id)
+        .homes
+        .subscribe(principal.user_id, thread_id, last_event_id.or(query.after))
         .await
         .map_err(|e| ApiError::from_session(e, "thread"))?;
-    let after = last_event_id
-        .or(query.after)
-        .unwrap_or_else(|| log.live_start());
     Ok(sse_response(
-        log.reader(after).into_stream(),
+        subscription.events,
         ctx.state.config.keep_alive,
     ))
 }
@@ -336,7 +323,7 @@ pub async fn cancel(ctx: Ctx, thread: String, turn: String) -> Result<Response, 
     let thread_id = ids(&thread)?;
     let turn_id = Uuid::parse_str(&turn).map_err(|_| ApiError::not_found("turn"))?;
     ctx.state
-        .sessions
+        .homes
         .cancel_turn(principal.user_id, thread_id, turn_id)
         .await
         .map_err(|e| ApiError::from_session(e, "live turn"))?;
@@ -360,7 +347,7 @@ pub async fn summarize(ctx: Ctx, thread: String, body: Body) -> Result<Response,
     let model = validate::model("model", body.model)?;
     let summary = ctx
         .state
-        .sessions
+        .homes
         .summarize(principal.user_id, thread_id, model)
         .await
         .map_err(|e| ApiError::from_session(e, "thread"))?;

@@ -22,7 +22,7 @@ use warp::Reply;
 use warp::http::{HeaderValue, StatusCode};
 use warp::reply::Response;
 
-use chorus_actors::session::{Reservation, Sessions};
+use chorus_actors::session::Reservation;
 
 use super::context::{Body, Ctx, json_response};
 use super::error::{ApiError, ErrorCode, retry_secs, set_rate_limit_headers};
@@ -273,7 +273,7 @@ pub async fn chat_completions(ctx: Ctx, body: Body) -> Result<Response, ApiError
     let estimated_tokens = prompt_tokens + u64::from(max_tokens);
     let mut reservation = ctx
         .state
-        .sessions
+        .homes
         .admit(user_id, &model_id, estimated_tokens)
         .await?;
     let rate_limit = reservation.admission;
@@ -283,7 +283,7 @@ pub async fn chat_completions(ctx: Ctx, body: Body) -> Result<Response, ApiError
         std::mem::take(&mut reservation.own_keys),
     );
     let mut usage_guard = UsageGuard {
-        sessions: ctx.state.sessions.clone(),
+        sessions: ctx.state.homes.clone(),
         user_id,
         reservation: Some(reservation),
         model: model.clone(),
@@ -359,7 +359,7 @@ pub async fn chat_completions(ctx: Ctx, body: Body) -> Result<Response, ApiError
 /// Settles a `/v1` request's reservation exactly once when dropped — after the answer, on an
 /// error, or when the client hangs up mid-stream — with what was counted so far.
 struct UsageGuard {
-    sessions: Sessions,
+    sessions: chorus_cluster::Homes,
     user_id: Uuid,
     reservation: Option<Reservation>,
     model: Model,

@@ -52,7 +52,7 @@ pub async fn readyz(ctx: Ctx) -> Result<Response, ApiError> {
                 "redis": redis.as_deref().unwrap_or("not configured (limits in-process)"),
                 "shutdown": if draining { "draining" } else { "running" },
             },
-            "node": ctx.state.placement.local_node().as_str(),
+            "node": ctx.state.cluster.local_node().as_str(),
             "sessions": ctx.state.sessions.live_count(),
         }),
     ))

@@ -70,7 +70,7 @@ pub async fn search(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
     };
     let results = ctx
         .state
-        .sessions
+        .homes
         .search(
             principal.user_id,
             SearchQuery {

@@ -48,7 +48,7 @@ pub async fn create(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
     };
     let thread = ctx
         .state
-        .sessions
+        .homes
         .create_thread(principal.user_id, new)
         .await?;
     Ok(json_response(
@@ -181,7 +181,7 @@ pub async fn patch(ctx: Ctx, id: String, body: Body) -> Result<Response, ApiErro
     };
     let thread = ctx
         .state
-        .sessions
+        .homes
         .update_thread(principal.user_id, id, patch)
         .await
         .map_err(|e| ApiError::from_session(e, "thread"))?;
@@ -195,7 +195,7 @@ pub async fn delete(ctx: Ctx, id: String) -> Result<Response, ApiError> {
     let principal = ctx.authenticate()?;
     let id = thread_id(&id)?;
     ctx.state
-        .sessions
+        .homes
         .delete_thread(principal.user_id, id)
         .await
         .map_err(|e| ApiError::from_session(e, "thread"))?;

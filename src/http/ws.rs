@@ -11,10 +11,10 @@
 //! our pings) is disconnected.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chorus_actors::session::events::{EventReader, EventRecord};
+use chorus_actors::session::events::EventRecord;
+use chorus_cluster::{EventStream, turn_events};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
@@ -115,16 +115,8 @@ fn error_frame(code: &str, message: &str, request: Option<&str>) -> String {
 }
 
 /// Forwards events from `reader` (only `turn`'s, ending at its `done`, when given).
-fn forward(
-    reader: EventReader,
-    turn: Option<Uuid>,
-    outbox: mpsc::Sender<String>,
-) -> JoinHandle<()> {
+fn forward(mut events: EventStream, outbox: mpsc::Sender<String>) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut events = match turn {
-            Some(turn_id) => reader.into_turn_stream(turn_id).boxed(),
-            None => reader.into_stream().boxed(),
-        };
         while let Some(event) = events.next().await {
             if outbox.send(event_frame(&event)).await.is_err() {
                 return;
@@ -295,8 +287,8 @@ async fn send(
     let started = state
         .ctx
         .state
-        .sessions
-        .start_turn(state.principal.user_id, thread, send)
+        .homes
+        .start_turn(state.principal.user_id, thread, send, false)
         .await
         .map_err(|e| ApiError::from_session(e, "thread"))?;
     // A socket already subscribed to this thread gets the turn's events from that
@@ -307,8 +299,7 @@ async fn send(
         .is_some_and(|t| !t.is_finished());
     if !subscribed {
         let task = forward(
-            started.log.reader(started.from_seq - 1),
-            Some(started.turn_id),
+            turn_events(started.events, started.turn_id),
             state.outbox.clone(),
         );
         state
@@ -324,15 +315,15 @@ async fn subscribe(
     after: Option<u64>,
 ) -> Result<(), ApiError> {
     let thread = thread_uuid(&thread_id)?;
-    let log: Arc<_> = state
+    let subscription = state
         .ctx
         .state
-        .sessions
-        .subscribe(state.principal.user_id, thread)
+        .homes
+        .subscribe(state.principal.user_id, thread, after)
         .await
         .map_err(|e| ApiError::from_session(e, "thread"))?;
-    let after = after.unwrap_or_else(|| log.live_start());
-    let task = forward(log.reader(after), None, state.outbox.clone());
+    let after = subscription.after;
+    let task = forward(subscription.events, state.outbox.clone());
     if let Some(previous) = state.tasks.insert(format!("thread:{thread}"), task) {
         previous.abort();
     }
@@ -349,7 +340,7 @@ async fn cancel(state: &mut Socket, thread_id: String, turn_id: String) -> Resul
     state
         .ctx
         .state
-        .sessions
+        .homes
         .cancel_turn(state.principal.user_id, thread, turn)
         .await
         .map_err(|e| ApiError::from_session(e, "live turn"))?;
