@@ -534,11 +534,21 @@ pub(crate) struct Dispatcher {
 }
 
 impl Dispatcher {
-    fn peer_relay(&self, node: &str) -> Option<ActorRef<PeerMessage>> {
-        self.view
-            .read()
-            .ok()
-            .and_then(|v| v.peers.get(node).map(|p| p.relay.clone()))
+    /// The relay of the edge node `node`. A node that just joined may call us before our
+    /// heartbeat reached it: wait a moment for it to become a member rather than refuse.
+    async fn peer_relay(&self, node: &str) -> Option<ActorRef<PeerMessage>> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let found = self
+                .view
+                .read()
+                .ok()
+                .and_then(|v| v.peers.get(node).map(|p| p.relay.clone()));
+            if found.is_some() || tokio::time::Instant::now() >= deadline {
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     async fn answer(self: Arc<Self>, request: Request) -> Reply {
@@ -584,7 +594,7 @@ impl Dispatcher {
         stream: StreamTarget,
         wait_first: bool,
     ) -> Result<TurnStartedWire, WireError> {
-        let peer = self.peer_relay(&stream.origin).ok_or_else(|| {
+        let peer = self.peer_relay(&stream.origin).await.ok_or_else(|| {
             WireError::Unavailable(format!("node {} is not a member here", stream.origin))
         })?;
         let started = self.sessions.start_turn(user, thread, send).await?;
@@ -608,7 +618,7 @@ impl Dispatcher {
         after: Option<u64>,
         stream: StreamTarget,
     ) -> Result<u64, WireError> {
-        let peer = self.peer_relay(&stream.origin).ok_or_else(|| {
+        let peer = self.peer_relay(&stream.origin).await.ok_or_else(|| {
             WireError::Unavailable(format!("node {} is not a member here", stream.origin))
         })?;
         let log = self.sessions.subscribe(user, thread).await?;

@@ -397,11 +397,13 @@ impl MembershipState {
                     tracing::info!(peer = %pong.name, "cluster peer is leaving");
                     node_event("leaving");
                 }
-                peer.state = if peer.state == MemberState::Leaving {
-                    MemberState::Leaving
-                } else {
-                    state
-                };
+                if peer.state == MemberState::Leaving && state == MemberState::Alive {
+                    // Only a restarted node (a new session under the same name) says so.
+                    tracing::info!(peer = %pong.name, "cluster peer rejoined");
+                    node_event("joined");
+                }
+                // The peer's own word wins: it announces `Leaving` before telling anyone.
+                peer.state = state;
                 peer.last_ok = Instant::now();
                 peer.node = node;
                 peer.refs = refs;

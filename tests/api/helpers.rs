@@ -439,6 +439,17 @@ impl TestApp {
         self.start().await;
     }
 
+    /// Kills the server with SIGKILL (a crash: no shutdown code runs) and waits for it to exit.
+    pub async fn kill(&mut self) -> ExitStatus {
+        let pid = self.running.as_ref().expect("server running").pid;
+        let status = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -KILL failed: {status}");
+        self.wait_exit().await
+    }
+
     /// Every stderr line the server wrote so far (across restarts).
     pub fn logs(&self) -> Vec<String> {
         self.logs.snapshot()

@@ -11,6 +11,7 @@ mod auth;
 mod billing;
 mod chat;
 mod cli;
+mod cluster;
 mod documents;
 mod edge;
 mod isolation;

@@ -1,0 +1,555 @@
+//! The cluster: real `chorus` processes on loopback ports sharing one SQLite store (WAL) and a
+//! real `redis-server`, joined with `[cluster]` (ractor_cluster under our own membership).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+#[path = "../../actors/tests/common/redis_server.rs"]
+mod redis_server;
+use redis_server::RedisServer;
+
+const COOKIE: &str = "test-cluster-cookie-0123456789";
+/// Slow enough to kill its node mid-answer: 400 words, 50 ms apart.
+const CRAWL: &str = "test-crawl";
+/// 60 words, quickly: a streaming answer with many events.
+const CHATTY: &str = "test-chatty";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("finding a free port")
+}
+
+struct TestCluster {
+    nodes: Vec<TestApp>,
+    ports: Vec<u16>,
+    _redis: RedisServer,
+}
+
+struct Options {
+    tiers: &'static str,
+    heartbeat_timeout_ms: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            tiers: ROOMY_TIERS,
+            heartbeat_timeout_ms: 1500,
+        }
+    }
+}
+
+fn node_builder(
+    data_dir: &Arc<tempfile::TempDir>,
+    name: &str,
+    port: u16,
+    seeds: &[u16],
+    redis: &RedisServer,
+    options: &Options,
+) -> TestAppBuilder {
+    let seeds: Vec<String> = seeds.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+    TestApp::builder()
+        .data_dir(data_dir.clone())
+        .models_toml(&catalogue_toml(&[
+            TestModel::new(CRAWL, "mock", "lorem;words=400;delay_ms=50"),
+            TestModel::new(CHATTY, "mock", "lorem;words=60;delay_ms=2"),
+        ]))
+        .tiers_toml(options.tiers)
+        .env("CHORUS__REDIS__URL", &redis.url())
+        .env("CHORUS__CLUSTER__NODE_NAME", name)
+        .env("CHORUS__CLUSTER__LISTEN", &format!("127.0.0.1:{port}"))
+        .env("CHORUS__CLUSTER__COOKIE", COOKIE)
+        .env("CHORUS__CLUSTER__SEEDS", &format!("[{}]", seeds.join(",")))
+        .env("CHORUS__CLUSTER__HEARTBEAT_INTERVAL_MS", "200")
+        .env(
+            "CHORUS__CLUSTER__HEARTBEAT_TIMEOUT_MS",
+            &options.heartbeat_timeout_ms.to_string(),
+        )
+        .env("CHORUS__CLUSTER__LEAVE_DRAIN_MS", "600")
+}
+
+impl TestCluster {
+    async fn start(n: usize, options: Options) -> TestCluster {
+        let redis = RedisServer::start();
+        let data_dir = Arc::new(tempfile::tempdir().expect("shared data dir"));
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let mut nodes = Vec::new();
+        for (i, port) in ports.iter().enumerate() {
+            let node = node_builder(
+                &data_dir,
+                &format!("node-{}", i + 1),
+                *port,
+                &ports,
+                &redis,
+                &options,
+            )
+            .spawn()
+            .await;
+            nodes.push(node);
+        }
+        let cluster = TestCluster {
+            nodes,
+            ports,
+            _redis: redis,
+        };
+        cluster
+    }
+
+    /// An admin token (users and tokens are shared: one store, one JWT secret).
+    async fn admin(&self) -> Session {
+        self.nodes[0].register_admin().await
+    }
+
+    /// Waits until every running node listed in `alive` sees exactly those nodes alive and they
+    /// agree on the view's digest; returns the views.
+    async fn converge(&self, admin: &Session, alive: &[usize]) -> Vec<Value> {
+        let expected: Vec<String> = alive.iter().map(|i| format!("node-{}", i + 1)).collect();
+        let started = Instant::now();
+        loop {
+            let mut views = Vec::new();
+            for i in alive {
+                views.push(
+                    self.nodes[*i]
+                        .get_ok("/api/v1/admin/cluster", admin.token())
+                        .await,
+                );
+            }
+            let agreed = views.iter().all(|v| {
+                let names: Vec<String> = v["members"]
+                    .as_array()
+                    .map(|m| {
+                        m.iter()
+                            .filter(|m| m["state"] == "alive")
+                            .map(|m| m["name"].as_str().unwrap_or("").to_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                names == expected
+                    && v["members"]
+                        .as_array()
+                        .is_some_and(|m| m.len() == expected.len())
+            }) && views.windows(2).all(|w| w[0]["digest"] == w[1]["digest"]);
+            if agreed {
+                return views;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "nodes {alive:?} did not converge: {views:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn home_of(&self, admin: &Session, node: usize, user: &Session) -> String {
+        let view = self.nodes[node]
+            .get_ok(
+                &format!("/api/v1/admin/cluster?user={}", user.user_uuid()),
+                admin.token(),
+            )
+            .await;
+        view["user"]["home"].as_str().expect("a home").to_owned()
+    }
+
+    fn index_of(name: &str) -> usize {
+        name.trim_start_matches("node-")
+            .parse::<usize>()
+            .expect("node-N")
+            - 1
+    }
+
+    async fn live_sessions(&self, node: usize) -> u64 {
+        let ready = body_json(self.nodes[node].get_anon("/readyz").await).await;
+        ready["sessions"].as_u64().unwrap_or(0)
+    }
+}
+
+#[tokio::test]
+async fn three_nodes_agree_route_each_user_home_and_stream_across_nodes() {
+    let cluster = TestCluster::start(3, Options::default()).await;
+    let admin = cluster.admin().await;
+    let views = cluster.converge(&admin, &[0, 1, 2]).await;
+    assert_eq!(
+        views[0]["ring"]["members"],
+        json!(["node-1", "node-2", "node-3"])
+    );
+    assert_eq!(views[0]["ring"]["digest"], views[2]["ring"]["digest"]);
+
+    let user = cluster.nodes[1].register_user().await;
+    // Every node computes the same home for the user.
+    let mut homes = Vec::new();
+    for node in 0..3 {
+        homes.push(cluster.home_of(&admin, node, &user).await);
+    }
+    assert!(homes.windows(2).all(|w| w[0] == w[1]), "{homes:?}");
+    let home = TestCluster::index_of(&homes[0]);
+    let others: Vec<usize> = (0..3).filter(|i| *i != home).collect();
+
+    // The user's requests, sent to every node, all land on that one home session.
+    let mut threads = Vec::new();
+    for node in 0..3 {
+        let thread = cluster.nodes[node]
+            .create_thread(
+                user.token(),
+                &json!({ "title": format!("via node {node}") }),
+            )
+            .await;
+        threads.push(id_of(&thread));
+    }
+    let patched = cluster.nodes[others[0]]
+        .patch_json(
+            &format!("/api/v1/threads/{}", threads[0]),
+            user.token(),
+            &json!({ "bookmarked": true }),
+        )
+        .await;
+    assert_eq!(patched.status(), StatusCode::OK);
+    assert!(cluster.live_sessions(home).await >= 1);
+    for other in &others {
+        assert_eq!(
+            cluster.live_sessions(*other).await,
+            0,
+            "node-{} built a session for a user homed on {}",
+            other + 1,
+            homes[0]
+        );
+    }
+
+    // A turn on the home, streamed to a client of another node: every event, in order.
+    let edge = &cluster.nodes[others[0]];
+    let events = edge
+        .chat_turn(
+            user.token(),
+            &threads[1],
+            &json!({ "content": "hi", "model": CHATTY }),
+        )
+        .await;
+    assert_contiguous(&events);
+    assert_eq!(events.first().map(|e| e.name()), Some("message_start"));
+    assert_eq!(events.last().map(|e| e.name()), Some("done"));
+    let text = delta_text(&events, None);
+    assert_eq!(text.split_whitespace().count(), 60, "{text}");
+    let complete = events
+        .iter()
+        .find(|e| e.name() == "message_complete")
+        .unwrap();
+    assert_eq!(complete.data["status"], "complete");
+
+    // Resume on a third node after a mid-stream id: exactly the rest, same ids and data.
+    let third = &cluster.nodes[others[1]];
+    let cut = events.len() / 2;
+    let mut resumed = third
+        .open_events(user.token(), &threads[1], "", Some(events[cut - 1].seq()))
+        .await;
+    let rest = resumed.until_done().await;
+    let expected: Vec<(u64, String)> = events[cut..]
+        .iter()
+        .map(|e| (e.seq(), e.raw.clone()))
+        .collect();
+    let got: Vec<(u64, String)> = rest.iter().map(|e| (e.seq(), e.raw.clone())).collect();
+    assert_eq!(got, expected);
+
+    // The message was stored once, complete, and every node reads it.
+    let assistant = complete.data["message_id"].as_str().unwrap().to_owned();
+    for node in 0..3 {
+        let stored = cluster.nodes[node]
+            .thread_message(user.token(), &threads[1], &assistant)
+            .await;
+        assert_eq!(stored["status"], "complete");
+        assert_eq!(stored["content"], text);
+    }
+
+    // Another user's thread answers 404 through every node, as on one node.
+    let stranger = cluster.nodes[0].register_user().await;
+    for node in 0..3 {
+        let response = cluster.nodes[node]
+            .get(&format!("/api/v1/threads/{}", threads[0]), stranger.token())
+            .await;
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    }
+}
+
+const TIGHT_TIERS: &str = r#"
+default_tier = "free"
+
+[tiers.free]
+name = "Free"
+requests_per_minute = 7
+tokens_per_minute = 1000000000
+models = ["*"]
+files_per_request = 3
+upload_max_bytes = 10485760
+"#;
+
+#[tokio::test]
+async fn a_per_user_limit_spread_over_three_nodes_admits_exactly_n() {
+    let cluster = TestCluster::start(
+        3,
+        Options {
+            tiers: TIGHT_TIERS,
+            ..Options::default()
+        },
+    )
+    .await;
+    let admin = cluster.admin().await;
+    cluster.converge(&admin, &[0, 1, 2]).await;
+    let user = cluster.nodes[0].register_user().await;
+    let thread = id_of(
+        &cluster.nodes[0]
+            .create_thread(user.token(), &json!({}))
+            .await,
+    );
+    let mut admitted = 0;
+    let mut limited = 0;
+    for i in 0..15 {
+        let response = cluster.nodes[i % 3]
+            .post_message(
+                user.token(),
+                &thread,
+                &json!({ "content": "count me", "model": "mock-echo", "stream": false }),
+            )
+            .await;
+        match response.status() {
+            StatusCode::OK => admitted += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert!(response.headers().contains_key("retry-after"));
+                limited += 1;
+            }
+            other => panic!("unexpected {other}: {}", response.text().await.unwrap()),
+        }
+    }
+    assert_eq!((admitted, limited), (7, 8));
+}
+
+#[tokio::test]
+async fn a_killed_node_is_removed_its_turn_ends_interrupted_and_its_users_rehome() {
+    let mut cluster = TestCluster::start(3, Options::default()).await;
+    let admin = cluster.admin().await;
+    cluster.converge(&admin, &[0, 1, 2]).await;
+
+    // A user homed on node-3, streaming through node-1.
+    let user = loop {
+        let user = cluster.nodes[0].register_user().await;
+        if cluster.home_of(&admin, 0, &user).await == "node-3" {
+            break user;
+        }
+    };
+    let thread = id_of(
+        &cluster.nodes[0]
+            .create_thread(user.token(), &json!({}))
+            .await,
+    );
+    let mut stream = cluster.nodes[0]
+        .send_streaming(
+            user.token(),
+            &thread,
+            &json!({ "content": "go", "model": CRAWL }),
+        )
+        .await;
+    let start = stream.expect_event().await;
+    assert_eq!(start.name(), "message_start");
+    let assistant = start.data["message_id"].as_str().unwrap().to_owned();
+    for _ in 0..5 {
+        assert_eq!(stream.expect_event().await.name(), "delta");
+    }
+
+    let killed_at = Instant::now();
+    cluster.nodes[2].kill().await;
+    // The client's stream ends without a `done` (its home is gone); it can reconnect.
+    let rest = stream.rest().await;
+    assert!(rest.iter().all(|e| e.name() == "delta"), "{rest:#?}");
+
+    // Removed within the heartbeat timeout (plus a tick), by both survivors.
+    let views = cluster.converge(&admin, &[0, 1]).await;
+    let detected = killed_at.elapsed();
+    assert_eq!(views[0]["ring"]["members"], json!(["node-1", "node-2"]));
+    assert!(
+        detected < Duration::from_secs(10),
+        "dead node removed after {detected:?}"
+    );
+
+    // The turn that ran there is settled as interrupted by the new home's reaper.
+    let message = cluster.nodes[1]
+        .wait_for_message_status(user.token(), &thread, &assistant, "interrupted")
+        .await;
+    assert_eq!(message["role"], "assistant");
+
+    // The user is served by a new home, and nothing else was lost.
+    let new_home = cluster.home_of(&admin, 1, &user).await;
+    assert_ne!(new_home, "node-3");
+    let events = cluster.nodes[1]
+        .chat_turn(
+            user.token(),
+            &thread,
+            &json!({ "content": "still here", "model": "mock-echo" }),
+        )
+        .await;
+    assert_eq!(delta_text(&events, None), "still here");
+    let messages = cluster.nodes[0]
+        .thread_messages(user.token(), &thread)
+        .await;
+    let statuses: Vec<&str> = messages
+        .iter()
+        .map(|m| m["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        ["complete", "interrupted", "complete", "complete"]
+    );
+    let _ = &cluster.ports;
+}
+
+#[tokio::test]
+async fn a_rolling_restart_under_traffic_fails_no_request() {
+    let mut cluster = TestCluster::start(3, Options::default()).await;
+    let admin = cluster.admin().await;
+    cluster.converge(&admin, &[0, 1, 2]).await;
+    let mut users = Vec::new();
+    for _ in 0..6 {
+        let user = cluster.nodes[0].register_user().await;
+        let thread = id_of(
+            &cluster.nodes[0]
+                .create_thread(user.token(), &json!({}))
+                .await,
+        );
+        users.push((user, thread));
+    }
+    let users = Arc::new(users);
+    let bases: Arc<std::sync::Mutex<Vec<Option<String>>>> = Arc::new(std::sync::Mutex::new(
+        cluster.nodes.iter().map(|n| Some(n.base.clone())).collect(),
+    ));
+
+    // A load balancer: probes /readyz every 100 ms and sends only to ready nodes.
+    let ready: Arc<std::sync::Mutex<Vec<bool>>> = Arc::new(std::sync::Mutex::new(vec![true; 3]));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let prober = {
+        let (ready, bases, stop, client) =
+            (ready.clone(), bases.clone(), stop.clone(), client.clone());
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let current: Vec<Option<String>> = bases.lock().unwrap().clone();
+                for (i, base) in current.iter().enumerate() {
+                    let ok = match base {
+                        Some(base) => client
+                            .get(format!("{base}/readyz"))
+                            .send()
+                            .await
+                            .is_ok_and(|r| r.status() == StatusCode::OK),
+                        None => false,
+                    };
+                    ready.lock().unwrap()[i] = ok;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let traffic = {
+        let (ready, bases, stop, client, users) = (
+            ready.clone(),
+            bases.clone(),
+            stop.clone(),
+            client.clone(),
+            users.clone(),
+        );
+        tokio::spawn(async move {
+            let (mut ok, mut failures) = (0u32, Vec::new());
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let targets: Vec<String> = {
+                    let ready = ready.lock().unwrap().clone();
+                    let bases = bases.lock().unwrap().clone();
+                    bases
+                        .into_iter()
+                        .zip(ready)
+                        .filter_map(|(b, r)| if r { b } else { None })
+                        .collect()
+                };
+                if targets.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                let base = &targets[i % targets.len()];
+                let (user, thread) = &users[i % users.len()];
+                let response = client
+                    .post(format!("{base}/api/v1/threads/{thread}/messages"))
+                    .bearer_auth(user.token())
+                    .json(&json!({ "content": "ping", "model": "mock-echo", "stream": false }))
+                    .send()
+                    .await;
+                match response {
+                    Ok(r) if r.status() == StatusCode::OK => ok += 1,
+                    Ok(r) => failures.push(format!(
+                        "{base}: {} {}",
+                        r.status(),
+                        r.text().await.unwrap_or_default()
+                    )),
+                    Err(e) => failures.push(format!("{base}: {e}")),
+                }
+            }
+            (ok, failures)
+        })
+    };
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for node in 0..3 {
+        cluster.nodes[node].restart().await;
+        bases.lock().unwrap()[node] = Some(cluster.nodes[node].base.clone());
+        let alive = [0, 1, 2];
+        cluster.converge(&admin, &alive).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failures) = traffic.await.unwrap();
+    prober.await.unwrap();
+    assert!(failures.is_empty(), "{} ok, failed: {failures:#?}", ok);
+    assert!(ok > 20, "too little traffic to mean anything: {ok}");
+    // Every admitted request's answer was stored.
+    for (user, thread) in users.iter() {
+        let messages = cluster.nodes[0].thread_messages(user.token(), thread).await;
+        assert!(
+            messages.iter().all(|m| m["status"] == "complete"),
+            "{messages:#?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_wrong_cookie_is_refused_and_logged() {
+    let redis = RedisServer::start();
+    let options = Options::default();
+    let (port_a, port_b) = (free_port(), free_port());
+    let dir_a = Arc::new(tempfile::tempdir().unwrap());
+    let dir_b = Arc::new(tempfile::tempdir().unwrap());
+    let a = node_builder(&dir_a, "node-a", port_a, &[port_b], &redis, &options)
+        .spawn()
+        .await;
+    let _b = node_builder(&dir_b, "node-b", port_b, &[port_a], &redis, &options)
+        .env("CHORUS__CLUSTER__COOKIE", "not-the-cluster-cookie-000")
+        .spawn()
+        .await;
+    let refused = a
+        .wait_for_log(|line| {
+            log_message(line).is_some_and(|m| m.starts_with("cluster connection refused"))
+        })
+        .await;
+    assert!(
+        !refused.to_string().contains(COOKIE),
+        "the cookie must never be logged"
+    );
+    let admin = a.register_admin().await;
+    let view = a.get_ok("/api/v1/admin/cluster", admin.token()).await;
+    assert_eq!(view["members"].as_array().map(Vec::len), Some(1), "{view}");
+    assert!(a.logs().iter().all(|l| !l.contains(COOKIE)));
+}
