@@ -32,6 +32,12 @@ pub async fn readyz(ctx: Ctx) -> Result<Response, ApiError> {
         )),
         _ => None,
     };
+    // Clustered: the members this node counts. A node alone is still ready (it may be the
+    // first of a new cluster, or the last of an old one); the count tells operators.
+    let cluster = ctx.state.cluster.is_clustered().then(|| {
+        let view = ctx.state.cluster.view();
+        format!("{} members, ring version {}", view.members.len(), view.version)
+    });
     let ready = !draining && store == "ok";
     let degraded = redis.as_deref().is_some_and(|r| r != "ok");
     let status = if ready {
@@ -51,6 +57,7 @@ pub async fn readyz(ctx: Ctx) -> Result<Response, ApiError> {
                 "store": store,
                 "redis": redis.as_deref().unwrap_or("not configured (limits in-process)"),
                 "shutdown": if draining { "draining" } else { "running" },
+                "cluster": cluster.as_deref().unwrap_or("single node"),
             },
             "node": ctx.state.cluster.local_node().as_str(),
             "sessions": ctx.state.sessions.live_count(),
