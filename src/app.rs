@@ -90,15 +90,26 @@ impl Drop for InFlightGuard {
     }
 }
 
-/// Opens (and migrates) the configured store.
+/// The name of this node: the owner recorded on the messages it streams, and its place in the
+/// ring. The `HOSTNAME` environment variable, else `local`.
+pub fn node_name(_config: &Config) -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|name| !name.trim().is_empty())
+        .unwrap_or_else(|| "local".into())
+}
+
+/// Opens (and migrates) the configured store, serving this node ([`node_name`]).
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let node = node_name(config);
     match &config.store {
         StoreConfig::Sqlite { path } => {
             let path = path.clone();
-            let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path))
-                .await
-                .context("opening the SQLite store")?
-                .context("opening the SQLite store")?;
+            let store =
+                tokio::task::spawn_blocking(move || SqliteStore::open_for_node(&path, &node))
+                    .await
+                    .context("opening the SQLite store")?
+                    .context("opening the SQLite store")?;
             Ok(Arc::new(store))
         }
     }
@@ -171,9 +182,10 @@ impl Application {
         let jwt = jwt_keys(&config)?;
         let provider_keys = Arc::new(provider_key_cipher(&config)?);
         let store = open_store(&config).await?;
-        // Turns that were streaming when the previous process died have no owner any more:
+        // Turns this node was streaming when its previous process died have no owner any more:
         // settle them as interrupted, keeping the text they had flushed (ARCHITECTURE.md,
-        // principle 4). On a single node every such message predates this start.
+        // principle 4). Only this node's messages (and unowned ones from before owners were
+        // recorded): other nodes sharing the store may still be running theirs.
         let reaped = store
             .settle_orphaned_messages(chrono::Utc::now(), MessageStatus::Interrupted)
             .await?;
@@ -245,7 +257,7 @@ impl Application {
                 config.limits.login_failures_per_account_per_minute,
             )),
         };
-        let node_name = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+        let node_name = node_name(&config);
         let state = Arc::new(AppState {
             sessions: node.sessions.clone(),
             placement: Placement::single_node(NodeId::new(node_name)),
