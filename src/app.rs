@@ -94,15 +94,23 @@ impl Drop for InFlightGuard {
     }
 }
 
-/// Opens (and migrates) the configured store.
+/// The name of this node: the owner recorded on the messages it streams, and its place in the
+/// ring. The `HOSTNAME` environment variable, else `local`.
+pub fn node_name(config: &Config) -> String {
+    config.node_name.clone()
+}
+
+/// Opens (and migrates) the configured store, serving this node ([`node_name`]).
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let node = node_name(config);
     match &config.store {
         StoreConfig::Sqlite { path } => {
             let path = path.clone();
-            let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path))
-                .await
-                .context("opening the SQLite store")?
-                .context("opening the SQLite store")?;
+            let store =
+                tokio::task::spawn_blocking(move || SqliteStore::open_for_node(&path, &node))
+                    .await
+                    .context("opening the SQLite store")?
+                    .context("opening the SQLite store")?;
             Ok(Arc::new(store))
         }
     }
@@ -175,9 +183,10 @@ impl Application {
         let jwt = jwt_keys(&config)?;
         let provider_keys = Arc::new(provider_key_cipher(&config)?);
         let store = open_store(&config).await?;
-        // Turns that were streaming when the previous process died have no owner any more:
+        // Turns this node was streaming when its previous process died have no owner any more:
         // settle them as interrupted, keeping the text they had flushed (ARCHITECTURE.md,
-        // principle 4). On a single node every such message predates this start.
+        // principle 4). Only this node's messages (and unowned ones from before owners were
+        // recorded): other nodes sharing the store may still be running theirs.
         let reaped = store
             .settle_orphaned_messages(chrono::Utc::now(), MessageStatus::Interrupted)
             .await?;
@@ -309,6 +318,11 @@ impl Application {
                 .graceful(async move { stop_accepting.notified().await })
                 .run()
         };
+        // Membership changes: passivate users homed elsewhere now, reap a vanished node's turns.
+        let handoff = state
+            .cluster
+            .is_clustered()
+            .then(|| crate::handoff::spawn(state.clone()));
         tracing::info!(addr = %local_addr, "listening");
         let mut server = std::pin::pin!(server);
         tokio::select! {
@@ -346,6 +360,9 @@ impl Application {
         if let Some(settings) = &state.config.cluster {
             wait_for_turns(&state, settings.leave_deadline).await;
         }
+        if let Some(handoff) = handoff {
+            handoff.abort();
+        }
         node.shutdown().await;
         state.cluster.stop().await;
         tracing::info!("shutdown complete");
@@ -358,7 +375,7 @@ impl Application {
 async fn wait_for_turns(state: &AppState, deadline: Duration) {
     let started = std::time::Instant::now();
     loop {
-        let running = 0usize; // MERGE-CLSUPPORT: state.sessions.running_turns()
+        let running = state.sessions.running_turns();
         if running == 0 {
             return;
         }

@@ -6,5 +6,6 @@ pub mod app;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod handoff;
 pub mod http;
 pub mod telemetry;

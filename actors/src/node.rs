@@ -88,7 +88,7 @@ impl Node {
         let (supervisor, handle) = Actor::spawn(None, NodeSupervisor, args)
             .await
             .map_err(|e| NodeError::Spawn(e.to_string()))?;
-        let handle_for_edge = Sessions::new(slot, live, sessions.call_timeout);
+        let handle_for_edge = Sessions::new(slot, live, &sessions);
         Ok(Node {
             supervisor,
             handle,

@@ -6,8 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use chorus_actors::store::sqlite::LOCAL_NODE;
 use chorus_actors::store::sqlite::{AppliedMigration, MigrationReport, SCHEMA_VERSION};
-use chorus_actors::store::{SqliteStore, Store, StoreError, contract};
+use chorus_actors::store::{MessageRole, MessageStatus, SqliteStore, Store, StoreError, contract};
 use tempfile::TempDir;
 
 async fn fresh_store() -> (Arc<dyn Store>, TempDir) {
@@ -24,6 +25,23 @@ mod contract_suite {
     use super::fresh_store;
 
     chorus_actors::store_contract_tests!(fresh_store);
+}
+
+/// One file, opened once per node (as the processes of a development cluster do).
+async fn stores_for_nodes(nodes: &[&str]) -> (Vec<Arc<dyn Store>>, TempDir) {
+    let dir = TempDir::new().unwrap();
+    let path = db_path(&dir);
+    let stores = nodes
+        .iter()
+        .map(|node| Arc::new(SqliteStore::open_for_node(&path, node).unwrap()) as Arc<dyn Store>)
+        .collect();
+    (stores, dir)
+}
+
+mod node_contract_suite {
+    use super::stores_for_nodes;
+
+    chorus_actors::store_node_contract_tests!(stores_for_nodes);
 }
 
 fn raw(path: &Path) -> rusqlite::Connection {
@@ -179,4 +197,134 @@ async fn a_message_for_a_missing_thread_is_rejected() {
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Backend { .. }), "{err:?}");
+}
+
+fn streaming(thread: &chorus_actors::store::Thread, secs: i64) -> chorus_actors::store::Message {
+    let mut m = contract::message(thread, secs, Some("m"));
+    m.role = MessageRole::Assistant;
+    m.status = MessageStatus::Streaming;
+    m.content = format!("partial {secs}");
+    m
+}
+
+#[tokio::test]
+async fn messages_record_the_node_that_inserted_them() {
+    let dir = TempDir::new().unwrap();
+    let path = db_path(&dir);
+    let local = SqliteStore::open(&path).unwrap();
+    let named = SqliteStore::open_for_node(&path, "node-7").unwrap();
+    assert_eq!((local.node(), named.node()), (LOCAL_NODE, "node-7"));
+    let u = contract::user("owners@example.com");
+    let t = contract::thread(u.id, 1);
+    local.create_thread(&t).await.unwrap();
+    let by_local = streaming(&t, 2);
+    let by_named = streaming(&t, 3);
+    local.append_message(&by_local).await.unwrap();
+    named.append_message(&by_named).await.unwrap();
+
+    let owners: Vec<(String, Option<String>)> = raw(&path)
+        .prepare("SELECT content, node FROM messages ORDER BY id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        owners,
+        vec![
+            ("partial 2".to_owned(), Some(LOCAL_NODE.to_owned())),
+            ("partial 3".to_owned(), Some("node-7".to_owned())),
+        ]
+    );
+    // Finishing a turn (an update) keeps its owner.
+    let mut done = by_named.clone();
+    done.status = MessageStatus::Complete;
+    assert!(local.update_message(&done).await.unwrap());
+    let owner: Option<String> = raw(&path)
+        .query_row(
+            "SELECT node FROM messages WHERE content = 'partial 3'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(owner.as_deref(), Some("node-7"));
+}
+
+#[tokio::test]
+async fn unowned_streaming_messages_are_left_to_the_startup_reaper() {
+    // Rows written before migration 8 have no owner: whichever node starts first settles them,
+    // and no node's death claims them.
+    let dir = TempDir::new().unwrap();
+    let path = db_path(&dir);
+    let a = SqliteStore::open_for_node(&path, "node-a").unwrap();
+    let b = SqliteStore::open_for_node(&path, "node-b").unwrap();
+    let u = contract::user("legacy@example.com");
+    let t = contract::thread(u.id, 1);
+    a.create_thread(&t).await.unwrap();
+    let legacy = streaming(&t, 2);
+    let on_b = streaming(&t, 3);
+    a.append_message(&legacy).await.unwrap();
+    b.append_message(&on_b).await.unwrap();
+    raw(&path)
+        .execute(
+            "UPDATE messages SET node = NULL WHERE content = 'partial 2'",
+            [],
+        )
+        .unwrap();
+
+    for node in ["node-a", "node-b"] {
+        let settled = b
+            .settle_orphaned_messages_of(node, contract::at(10), MessageStatus::Interrupted)
+            .await
+            .unwrap();
+        assert_eq!(settled, u64::from(node == "node-b"), "{node}");
+    }
+    let stored = a.get_message(u.id, t.id, legacy.id).await.unwrap().unwrap();
+    assert_eq!(stored.status, MessageStatus::Streaming);
+
+    assert_eq!(
+        a.settle_orphaned_messages(contract::at(10), MessageStatus::Interrupted)
+            .await
+            .unwrap(),
+        1
+    );
+    let stored = b.get_message(u.id, t.id, legacy.id).await.unwrap().unwrap();
+    assert_eq!(
+        (stored.status, stored.content.as_str()),
+        (MessageStatus::Interrupted, "partial 2")
+    );
+}
+
+#[test]
+fn a_version_7_file_gains_unowned_messages() {
+    // Migrating a file written by the previous schema keeps its messages, with no owner.
+    let dir = TempDir::new().unwrap();
+    let path = db_path(&dir);
+    SqliteStore::migrate(&path).unwrap();
+    let conn = raw(&path);
+    conn.execute_batch(
+        "DROP INDEX messages_streaming_by_node; \
+         ALTER TABLE messages DROP COLUMN node; \
+         PRAGMA user_version = 7;",
+    )
+    .unwrap();
+    conn.execute_batch(
+        "INSERT INTO threads (user_id, id, bookmarked, created_at, updated_at, message_count) \
+         VALUES ('u', 't', 0, 0, 0, 1); \
+         INSERT INTO messages (user_id, thread_id, id, role, content, status, input_tokens, \
+         output_tokens, cost_usd, created_at) \
+         VALUES ('u', 't', 'm', 'assistant', 'half', 'streaming', 0, 0, 0.0, 0);",
+    )
+    .unwrap();
+    drop(conn);
+
+    let report = SqliteStore::migrate(&path).unwrap();
+    assert_eq!(
+        report.applied.iter().map(|m| m.version).collect::<Vec<_>>(),
+        vec![8]
+    );
+    let owner: Option<String> = raw(&path)
+        .query_row("SELECT node FROM messages WHERE id = 'm'", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(owner, None);
 }

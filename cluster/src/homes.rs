@@ -148,13 +148,19 @@ impl Homes {
         router: &ActorRef<PeerMessage>,
         request: &Request,
     ) -> Result<Reply, SessionError> {
+        // Starting a turn may wait for its first outcome on the home: allow for that.
+        let timeout = match request {
+            Request::StartTurn {
+                wait_first: true, ..
+            } => self
+                .call_timeout
+                .max(self.first_wait + Duration::from_secs(2)),
+            _ => self.call_timeout,
+        };
         let bytes = codec::encode(request).map_err(|e| SessionError::Unavailable(e.to_string()))?;
         let counter = &chorus_actors::metrics::metrics().cluster_remote_calls_total;
         match router
-            .call(
-                |port| PeerMessage::Call(bytes, port),
-                Some(self.call_timeout),
-            )
+            .call(|port| PeerMessage::Call(bytes, port), Some(timeout))
             .await
         {
             Ok(ractor::rpc::CallResult::Success(answer)) => {

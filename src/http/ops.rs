@@ -36,7 +36,11 @@ pub async fn readyz(ctx: Ctx) -> Result<Response, ApiError> {
     // first of a new cluster, or the last of an old one); the count tells operators.
     let cluster = ctx.state.cluster.is_clustered().then(|| {
         let view = ctx.state.cluster.view();
-        format!("{} members, ring version {}", view.members.len(), view.version)
+        format!(
+            "{} members, ring version {}",
+            view.members.len(),
+            view.version
+        )
     });
     let ready = !draining && store == "ok";
     let degraded = redis.as_deref().is_some_and(|r| r != "ok");

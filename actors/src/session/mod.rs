@@ -10,6 +10,10 @@
 //! principle 1); reads may go straight to the store. The edge talks to sessions only through the
 //! [`Sessions`] handle, which finds or spawns the session and retries once when it raced with
 //! passivation.
+//!
+//! For hand-off between nodes (a user's home moves, a node leaves) the handle also lists the
+//! users live here ([`Sessions::live_users`]), counts running turns ([`Sessions::running_turns`])
+//! and passivates a session on demand once nothing runs in it ([`Sessions::passivate`]).
 
 pub mod context;
 pub mod events;
@@ -20,6 +24,7 @@ pub mod turn;
 mod user_session;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -60,6 +65,9 @@ pub struct SessionConfig {
     /// Blob store and indexer (set by the node when documents are configured); `None`: document
     /// requests answer `Unavailable`.
     pub documents: Option<Documents>,
+    /// Counts the turns running on this node ([`Sessions::running_turns`]). Each node's config
+    /// gets its own by default; clones share it.
+    pub turn_counter: TurnCounter,
 }
 
 impl Default for SessionConfig {
@@ -73,8 +81,51 @@ impl Default for SessionConfig {
             clock: Clock::system(),
             user_buckets: Arc::new(LocalBuckets::new()),
             documents: None,
+            turn_counter: TurnCounter::default(),
         }
     }
+}
+
+/// The number of turns running on a node, kept by the turns themselves: each live turn holds a
+/// [`TurnGuard`] from start until its session forgets it (finished, crashed or abandoned), so the
+/// count cannot drift whatever way a turn ends. Reading it is one atomic load.
+#[derive(Debug, Clone, Default)]
+pub struct TurnCounter(Arc<AtomicUsize>);
+
+impl TurnCounter {
+    /// Turns running now.
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Counts one more running turn until the guard drops.
+    pub(crate) fn enter(&self) -> TurnGuard {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        TurnGuard(self.0.clone())
+    }
+}
+
+/// One running turn in a [`TurnCounter`].
+#[derive(Debug)]
+pub(crate) struct TurnGuard(Arc<AtomicUsize>);
+
+impl Drop for TurnGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What [`Sessions::passivate`] did with a user's session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Passivation {
+    /// The session wrote what it held in memory to the store and stopped; the next request for
+    /// the user rebuilds it from the store (on whichever node is then its home).
+    Stopped,
+    /// Work is running in the session — turns, or `/v1` requests admitted and not yet settled
+    /// (`running_turns` counts both) — so it was left running.
+    Busy { running_turns: usize },
+    /// The user has no live session on this node.
+    NotLive,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -213,24 +264,80 @@ pub struct Sessions {
     supervisor: SupervisorSlot,
     live: LiveSessions,
     call_timeout: Duration,
+    turn_counter: TurnCounter,
 }
 
 impl Sessions {
     pub(crate) fn new(
         supervisor: SupervisorSlot,
         live: LiveSessions,
-        call_timeout: Duration,
+        config: &SessionConfig,
     ) -> Self {
         Sessions {
             supervisor,
             live,
-            call_timeout,
+            call_timeout: config.call_timeout,
+            turn_counter: config.turn_counter.clone(),
         }
     }
 
     /// Number of sessions currently alive on this node.
     pub fn live_count(&self) -> usize {
         self.live.read().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// The users with a live session on this node (in no particular order).
+    pub fn live_users(&self) -> Vec<Uuid> {
+        self.live
+            .read()
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, session)| is_alive(session))
+                    .map(|(user_id, _)| *user_id)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Turns running on this node now (one atomic load).
+    pub fn running_turns(&self) -> usize {
+        self.turn_counter.get()
+    }
+
+    /// Hands a user's session off (its home moved, or this node is leaving): when nothing runs
+    /// in it, it writes what it holds in memory (pending usage counters) to the store, ends its
+    /// event logs (readers see them end and reconnect), stops, and is forgotten — the next
+    /// request rebuilds it from the store. When turns (or admitted `/v1` requests) run, it is
+    /// left alone and answers `Busy`; ask again once they end. Never spawns a session.
+    ///
+    /// Requests already queued behind the hand-off are not served by the stopped session: they
+    /// fail as if the session had passivated when idle (reads are retried on a fresh one).
+    pub async fn passivate(&self, user_id: Uuid) -> Result<Passivation, SessionError> {
+        let live = self.live.read().ok().and_then(|m| m.get(&user_id).cloned());
+        let Some(session) = live.filter(is_alive) else {
+            return Ok(Passivation::NotLive);
+        };
+        match self
+            .call_once(&session, UserSessionMessage::Passivate)
+            .await
+        {
+            Ok(Ok(Passivation::Stopped)) => {
+                // Wait for the end, so that a request after this answer meets a fresh session.
+                if session.wait(Some(self.call_timeout)).await.is_err() {
+                    return Err(SessionError::Unavailable(
+                        "the session did not stop in time".into(),
+                    ));
+                }
+                self.forget(user_id, &session);
+                Ok(Passivation::Stopped)
+            }
+            Ok(answer) => answer,
+            // It stopped on its own meanwhile (idle), after writing what it held.
+            Err(_gone) => {
+                self.forget(user_id, &session);
+                Ok(Passivation::NotLive)
+            }
+        }
     }
 
     /// Searches the user's ready documents (hybrid when `query.embedding` is given and chunks

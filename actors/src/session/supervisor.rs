@@ -142,6 +142,7 @@ async fn get_or_spawn(
             clock: state.config.clock.clone(),
             buckets: state.config.user_buckets.clone(),
         },
+        turn_counter: state.config.turn_counter.clone(),
     };
     // Unnamed: ractor's name registry is process-global, and sessions are many and short-lived.
     let (session, _handle) = Actor::spawn_linked(None, UserSession, args, myself.get_cell())

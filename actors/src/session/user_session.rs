@@ -24,8 +24,8 @@ use super::quota::{Held, Quotas, Reservation, UsageBook, request_usage, turn_usa
 use super::retrieval::{Passage, Retrieval, SearchResults};
 use super::turn::{LegResult, Turn, TurnArgs, TurnLeg, TurnTimeouts};
 use super::{
-    NewThread, ProfilePatch, SearchQuery, SendMessage, SessionError, ThreadPatch, TierRoleChange,
-    TurnStarted,
+    NewThread, Passivation, ProfilePatch, SearchQuery, SendMessage, SessionError, ThreadPatch,
+    TierRoleChange, TurnCounter, TurnGuard, TurnStarted,
 };
 use crate::indexer::Documents;
 use crate::provider::catalogue::{Catalogue, Model};
@@ -47,6 +47,8 @@ pub struct UserSessionArgs {
     pub key_opener: Option<Arc<dyn KeyOpener>>,
     pub documents: Option<Documents>,
     pub quotas: Quotas,
+    /// The node's count of running turns; each live turn holds a place in it.
+    pub turn_counter: TurnCounter,
 }
 
 /// A turn that is still running.
@@ -61,6 +63,8 @@ struct LiveTurn {
     title_from: Option<(String, Model)>,
     /// Its admission, settled once when the turn ends however it ends.
     reservation: Reservation,
+    /// Counts it among the node's running turns while the session holds it.
+    _running: TurnGuard,
 }
 
 pub struct UserSessionState {
@@ -89,6 +93,7 @@ pub struct UserSessionState {
     documents: Option<Documents>,
     /// The user's document index, built on first use.
     retrieval: Option<Retrieval>,
+    turn_counter: TurnCounter,
 }
 
 #[derive(RactorMessage)]
@@ -154,6 +159,9 @@ pub enum UserSessionMessage {
     CreateDocument(Document, RpcReplyPort<Result<Document, SessionError>>),
     /// Deletes a document, its chunks and its blob; stops its ingestion.
     DeleteDocument(Uuid, RpcReplyPort<Result<(), SessionError>>),
+    /// Hand-off: unless turns or `/v1` requests run, write what is held in memory, end the
+    /// event logs and stop (`Stopped`); else answer `Busy` and carry on.
+    Passivate(RpcReplyPort<Result<Passivation, SessionError>>),
 }
 
 impl Actor for UserSession {
@@ -188,6 +196,7 @@ impl Actor for UserSession {
             user: None,
             documents: args.documents,
             retrieval: None,
+            turn_counter: args.turn_counter,
         })
     }
 
@@ -267,6 +276,18 @@ impl Actor for UserSession {
                     tracing::debug!(user_id = %state.user_id, "passivating idle user session");
                     myself.stop(Some("idle".into()));
                 }
+                return Ok(());
+            }
+            UserSessionMessage::Passivate(reply) => {
+                let result = passivate(state).await;
+                if matches!(result, Ok(Passivation::Stopped)) {
+                    if let Some(timer) = state.idle_timer.take() {
+                        timer.abort();
+                    }
+                    tracing::debug!(user_id = %state.user_id, "passivating user session for hand-off");
+                    myself.stop(Some("passivated".into()));
+                }
+                let _ = reply.send(result);
                 return Ok(());
             }
             UserSessionMessage::CreateThread(new, reply) => {
@@ -452,6 +473,30 @@ impl Actor for UserSession {
         state.last_active = Instant::now();
         Ok(())
     }
+}
+
+/// The hand-off check and flush of [`UserSessionMessage::Passivate`]; the caller stops the actor
+/// on `Stopped`.
+async fn passivate(state: &mut UserSessionState) -> Result<Passivation, SessionError> {
+    let running = state.turns.len() + state.open.len();
+    if running > 0 {
+        return Ok(Passivation::Busy {
+            running_turns: running,
+        });
+    }
+    state.usage.flush(&*state.store, state.user_id).await;
+    if state.usage.has_pending() {
+        // Stopping now would lose counters the store refused; the session stays and retries.
+        return Err(SessionError::Unavailable(
+            "the user's usage could not be written; the session stays".into(),
+        ));
+    }
+    state.flush_scheduled = false;
+    // Readers waiting for more see the logs end, and resume from wherever the user lives next.
+    for (_, log) in state.logs.drain() {
+        log.close();
+    }
+    Ok(Passivation::Stopped)
 }
 
 async fn create_thread(state: &UserSessionState, new: NewThread) -> Result<Thread, SessionError> {
@@ -1052,6 +1097,7 @@ async fn launch_turn(
             summarize,
             title_from,
             reservation,
+            _running: state.turn_counter.enter(),
         },
     );
     Ok(TurnStarted {

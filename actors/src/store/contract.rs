@@ -97,6 +97,28 @@ macro_rules! store_contract_tests {
     };
 }
 
+/// Generates the cases about several nodes sharing one backend (each store instance serving one
+/// node), on stores from `$factory`: an async function taking node names (`&[&str]`) and yielding
+/// `(Vec<Arc<dyn Store>>, guard)`, one store per name, all over the same data.
+#[macro_export]
+macro_rules! store_node_contract_tests {
+    ($factory:expr) => {
+        $crate::store_node_contract_tests!(@cases $factory;
+            startup_reaper_settles_only_its_own_nodes_messages,
+            a_dead_nodes_streaming_messages_are_settled_by_another_node,
+        );
+    };
+    (@cases $factory:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                let (stores, _guard) = ($factory)(&["node-a", "node-b"]).await;
+                $crate::store::contract::$case(stores).await;
+            }
+        )*
+    };
+}
+
 // ---- fixtures ----
 
 /// 2026-01-01T00:00:00.123456Z: an instant with microseconds, so a backend that keeps only
@@ -1571,6 +1593,130 @@ pub async fn orphaned_streaming_messages_are_settled(store: Arc<dyn Store>) {
         .unwrap()
         .unwrap();
     assert_eq!(complete.status, done.status);
+}
+
+/// A streaming assistant message with partial text, as a turn leaves it.
+fn streaming(thread: &Thread, secs: i64, content: &str) -> Message {
+    let mut m = message(thread, secs, Some("m"));
+    m.role = MessageRole::Assistant;
+    m.status = MessageStatus::Streaming;
+    m.content = content.to_owned();
+    m
+}
+
+async fn status_and_content(store: &dyn Store, m: &Message) -> (MessageStatus, String) {
+    let stored = store
+        .get_message(m.user_id, m.thread_id, m.id)
+        .await
+        .unwrap()
+        .unwrap();
+    (stored.status, stored.content)
+}
+
+/// `stores[0]` serves `node-a`, `stores[1]` serves `node-b`, over one backend.
+pub async fn startup_reaper_settles_only_its_own_nodes_messages(stores: Vec<Arc<dyn Store>>) {
+    let (a, b) = (&stores[0], &stores[1]);
+    let user_id = Uuid::now_v7();
+    let t = thread(user_id, 0);
+    create_threads(&**a, std::slice::from_ref(&t)).await;
+    let on_a = streaming(&t, 1, "partial on a");
+    let on_b = streaming(&t, 2, "partial on b");
+    a.append_message(&on_a).await.unwrap();
+    b.append_message(&on_b).await.unwrap();
+
+    // Node a restarts: only the turn it left behind is settled; b's turn is still running.
+    assert_eq!(
+        a.settle_orphaned_messages(at(5), MessageStatus::Interrupted)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        status_and_content(&**b, &on_a).await,
+        (MessageStatus::Interrupted, "partial on a".to_owned())
+    );
+    assert_eq!(
+        status_and_content(&**a, &on_b).await,
+        (MessageStatus::Streaming, "partial on b".to_owned())
+    );
+    assert_eq!(
+        a.settle_orphaned_messages(at(5), MessageStatus::Interrupted)
+            .await
+            .unwrap(),
+        0
+    );
+}
+
+/// `stores[0]` serves `node-a`, `stores[1]` serves `node-b`, over one backend.
+pub async fn a_dead_nodes_streaming_messages_are_settled_by_another_node(
+    stores: Vec<Arc<dyn Store>>,
+) {
+    let (a, b) = (&stores[0], &stores[1]);
+    let user_id = Uuid::now_v7();
+    let t = thread(user_id, 0);
+    let other = thread(Uuid::now_v7(), 0);
+    create_threads(&**a, std::slice::from_ref(&t)).await;
+    create_threads(&**b, std::slice::from_ref(&other)).await;
+    let dead_turn = streaming(&t, 1, "half an answ");
+    let dead_turn_of_another_user = streaming(&other, 2, "");
+    let live_turn = streaming(&t, 3, "still going");
+    let finished = message(&t, 4, Some("m"));
+    let after_death = streaming(&t, 10, "");
+    for m in [&dead_turn, &finished, &after_death] {
+        a.append_message(m).await.unwrap();
+    }
+    a.append_message(&dead_turn_of_another_user).await.unwrap();
+    b.append_message(&live_turn).await.unwrap();
+
+    // Node b learns that a died at(5): a's streaming messages from before then are settled,
+    // with the text they had stored.
+    assert_eq!(
+        b.settle_orphaned_messages_of("node-a", at(5), MessageStatus::Interrupted)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        status_and_content(&**b, &dead_turn).await,
+        (MessageStatus::Interrupted, "half an answ".to_owned())
+    );
+    assert_eq!(
+        status_and_content(&**b, &dead_turn_of_another_user).await,
+        (MessageStatus::Interrupted, String::new())
+    );
+    // b's own turn, a's finished message and anything newer than the death are untouched.
+    assert_eq!(
+        status_and_content(&**b, &live_turn).await,
+        (MessageStatus::Streaming, "still going".to_owned())
+    );
+    assert_eq!(
+        status_and_content(&**b, &finished).await.0,
+        MessageStatus::Complete
+    );
+    assert_eq!(
+        status_and_content(&**b, &after_death).await.0,
+        MessageStatus::Streaming
+    );
+    // Again (another node seeing the same death): nothing left to settle. Unknown node: none.
+    for node in ["node-a", "node-c"] {
+        assert_eq!(
+            b.settle_orphaned_messages_of(node, at(5), MessageStatus::Interrupted)
+                .await
+                .unwrap(),
+            0
+        );
+    }
+    // A settled message is an ordinary one again: the node's startup reaper leaves it be.
+    assert_eq!(
+        a.settle_orphaned_messages(at(5), MessageStatus::Failed)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        status_and_content(&**a, &dead_turn).await.0,
+        MessageStatus::Interrupted
+    );
 }
 
 pub async fn delete_thread_cascades(store: Arc<dyn Store>) {

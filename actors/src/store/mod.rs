@@ -175,7 +175,8 @@ pub struct Usage {
 }
 
 /// `messages` (partition `(user_id, thread_id)`, clustering `message_id`, a UUIDv7 so that id order
-/// is time order).
+/// is time order). The store also records which node inserted a message (its owner, for the
+/// reapers); that is not part of the value.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Message {
     pub user_id: Uuid,
@@ -490,11 +491,24 @@ pub trait Store: Send + Sync + 'static {
         query: &MessageQuery,
     ) -> StoreResult<Page<Message, Uuid>>;
 
-    /// Settles every message still `streaming` that was created before `created_before` as
-    /// `status` (a reaper for turns whose owner died); returns how many.
+    /// The startup reaper: settles as `status` every message still `streaming`, created before
+    /// `created_before`, that this store's node owns — or that no node owns (written before
+    /// owners were recorded) — keeping the text it had stored. Returns how many. Messages owned
+    /// by other nodes sharing the backend are left alone: their turns may still be running.
     async fn settle_orphaned_messages(
         &self,
         created_before: DateTime<Utc>,
+        status: MessageStatus,
+    ) -> StoreResult<u64>;
+
+    /// The reaper for a node declared dead: settles as `status` every message still
+    /// `streaming` owned by `node` and created before `at` (pass the moment the node was
+    /// declared dead), keeping the text it had stored. Returns how many; unowned messages and
+    /// other nodes' are left alone. Idempotent.
+    async fn settle_orphaned_messages_of(
+        &self,
+        node: &str,
+        at: DateTime<Utc>,
         status: MessageStatus,
     ) -> StoreResult<u64>;
 

@@ -29,6 +29,15 @@
 //!
 //! [`SqliteStore::open`] is blocking (it creates the file and migrates it); call it at startup,
 //! before serving. [`SqliteStore::migrate`] does only the migration step, for `chorus migrate`.
+//!
+//! # Several nodes on one file
+//!
+//! A development cluster runs several `chorus` processes on one file (WAL serves several
+//! processes on one host). Each store instance serves one node ([`SqliteStore::open_for_node`])
+//! and records it as the owner of every message it inserts, so a node's startup reaper
+//! ([`Store::settle_orphaned_messages`]) settles only the turns it left behind, never another
+//! live node's, and the cluster can settle a dead node's turns
+//! ([`Store::settle_orphaned_messages_of`]).
 
 mod migrations;
 
@@ -67,26 +76,40 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// which would make thread search miss "Über" for "über". The queries spell the name out.
 const LOWER_FN: &str = "chorus_lower";
 
+/// The node a store serves when none is named ([`SqliteStore::open`]): a single node.
+pub const LOCAL_NODE: &str = "local";
+
 /// The SQLite-backed [`Store`]. Cheap to clone; clones share the connections.
 #[derive(Clone)]
 pub struct SqliteStore {
     writer: Arc<Pool>,
     readers: Arc<Pool>,
+    /// The node this instance serves: the owner recorded on the messages it inserts.
+    node: Arc<str>,
 }
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SqliteStore")
             .field("path", &self.writer.path)
+            .field("node", &self.node)
             .finish_non_exhaustive()
     }
 }
 
 impl SqliteStore {
     /// Opens (creating it and its parent directories if needed) and migrates the database at
-    /// `path`. Blocking. Fails with [`StoreError::SchemaTooNew`] when the file was migrated by a
-    /// newer binary.
+    /// `path`, serving the node [`LOCAL_NODE`]. Blocking. Fails with
+    /// [`StoreError::SchemaTooNew`] when the file was migrated by a newer binary.
     pub fn open(path: &Path) -> StoreResult<SqliteStore> {
+        SqliteStore::open_for_node(path, LOCAL_NODE)
+    }
+
+    /// Like [`open`](Self::open), for the node named `node`: the messages this instance inserts
+    /// are recorded as that node's, and its [`Store::settle_orphaned_messages`] settles only
+    /// that node's (and unowned) messages. Several processes may open one file, each for its
+    /// own node.
+    pub fn open_for_node(path: &Path, node: &str) -> StoreResult<SqliteStore> {
         let (writer, _report) = open_and_migrate(path)?;
         let readers = (0..READERS)
             .map(|_| open_connection(path, ConnKind::Reader))
@@ -95,6 +118,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             writer: Arc::new(Pool::new(path, ConnKind::Writer, vec![writer])),
             readers: Arc::new(Pool::new(path, ConnKind::Reader, readers)),
+            node: Arc::from(node),
         })
     }
 
@@ -108,6 +132,11 @@ impl SqliteStore {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.writer.path
+    }
+
+    /// The node this instance serves (the owner of the messages it inserts).
+    pub fn node(&self) -> &str {
+        &self.node
     }
 
     async fn read<T, F>(&self, op: &'static str, f: F) -> StoreResult<T>
@@ -1083,12 +1112,13 @@ impl Store for SqliteStore {
 
     async fn append_message(&self, message: &Message) -> StoreResult<()> {
         let m = message.clone();
+        let node = self.node.clone();
         self.write("append_message", move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             tx.prepare_cached(concat!(
                 "INSERT INTO messages (",
                 message_cols!(),
-                ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
+                ", node) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
             ))?
             .execute(params![
                 id(m.user_id),
@@ -1109,6 +1139,7 @@ impl Store for SqliteStore {
                 micros(m.created_at),
                 m.deployment,
                 citations_text(&m.citations)?,
+                &*node,
             ])?;
             tx.prepare_cached(
                 "UPDATE threads SET message_count = message_count + 1, \
@@ -1341,12 +1372,37 @@ impl Store for SqliteStore {
         created_before: DateTime<Utc>,
         status: MessageStatus,
     ) -> StoreResult<u64> {
+        let node = self.node.clone();
         self.write("settle_orphaned_messages", move |conn| {
             let settled = conn
                 .prepare_cached(
-                    "UPDATE messages SET status = ?1 WHERE status = 'streaming' AND created_at < ?2",
+                    "UPDATE messages SET status = ?1 WHERE status = 'streaming' \
+                     AND created_at < ?2 AND (node = ?3 OR node IS NULL)",
                 )?
-                .execute(params![message_status_str(status), micros(created_before)])?;
+                .execute(params![
+                    message_status_str(status),
+                    micros(created_before),
+                    &*node
+                ])?;
+            Ok(settled as u64)
+        })
+        .await
+    }
+
+    async fn settle_orphaned_messages_of(
+        &self,
+        node: &str,
+        at: DateTime<Utc>,
+        status: MessageStatus,
+    ) -> StoreResult<u64> {
+        let node = node.to_owned();
+        self.write("settle_orphaned_messages_of", move |conn| {
+            let settled = conn
+                .prepare_cached(
+                    "UPDATE messages SET status = ?1 WHERE status = 'streaming' \
+                     AND created_at < ?2 AND node = ?3",
+                )?
+                .execute(params![message_status_str(status), micros(at), node])?;
             Ok(settled as u64)
         })
         .await

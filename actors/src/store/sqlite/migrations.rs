@@ -207,10 +207,21 @@ CREATE TABLE chunks (
 ALTER TABLE messages ADD COLUMN citations TEXT;
 "#,
     },
+    Migration {
+        version: 8,
+        name: "the node that owns a message (reapers settle only their own)",
+        // NULL: written before owners were recorded. The partial index covers the only query
+        // that filters on the owner: the reapers' scan of messages still `streaming`.
+        sql: r#"
+ALTER TABLE messages ADD COLUMN node TEXT;
+CREATE INDEX messages_streaming_by_node ON messages (node, created_at)
+    WHERE status = 'streaming';
+"#,
+    },
 ];
 
 /// The newest schema version this binary knows.
-pub const SCHEMA_VERSION: i64 = 7;
+pub const SCHEMA_VERSION: i64 = 8;
 
 /// What a migration run did (see [`SqliteStore::migrate`](super::SqliteStore::migrate)).
 #[derive(Debug, Clone, PartialEq, Eq)]
