@@ -17,7 +17,9 @@ use chorus_actors::blob::BlobStore;
 use chorus_actors::indexer::Documents;
 use chorus_actors::indexer::embed::ForChunks;
 use chorus_actors::node::DocumentsConfig;
-use chorus_actors::quota::{KeyedLimiter, LimitSpec, RedisSettings, TokenBuckets, buckets_for};
+use chorus_actors::quota::{
+    Admission, BucketSpec, KeyedLimiter, LimitSpec, RedisSettings, TokenBuckets, buckets_for,
+};
 use chorus_actors::session::Sessions;
 use chorus_actors::store::{MessageStatus, SqliteStore, Store};
 use chorus_cluster::{Cluster, Homes, NodeId};
@@ -62,10 +64,100 @@ pub struct AppState {
     pub shutting_down: AtomicBool,
 }
 
-/// Per-IP and per-account limits of the public auth routes (in-process on a single node).
+/// Per-IP and per-account limits of the public auth routes: in-process on a single node, shared
+/// by every node through Redis when `[redis] url` is set (ARCHITECTURE.md, Quotas), so a client
+/// spreading its attempts over the nodes gets the same limit as one talking to a single node.
 pub struct Limiters {
-    pub auth_per_ip: KeyedLimiter,
-    pub login_failures: KeyedLimiter,
+    pub auth_per_ip: PublicLimit,
+    pub login_failures: PublicLimit,
+}
+
+impl Limiters {
+    /// The limits of `[limits]`; from `shared` (the buckets every node shares) when given.
+    pub fn new(
+        limits: &crate::config::RawLimits,
+        shared: Option<Arc<dyn TokenBuckets>>,
+    ) -> Limiters {
+        Limiters {
+            auth_per_ip: PublicLimit::new(
+                "auth_per_ip",
+                limits.auth_per_ip_per_minute,
+                shared.clone(),
+            ),
+            login_failures: PublicLimit::new(
+                "login_failures",
+                limits.login_failures_per_account_per_minute,
+                shared,
+            ),
+        }
+    }
+}
+
+/// One per-minute limit of a public route, keyed by who is limited (an IP, an account); each
+/// event takes one token. The same interface over the in-process limiter and the shared buckets.
+pub struct PublicLimit {
+    /// Distinguishes this limit's keys in the shared buckets.
+    name: &'static str,
+    spec: BucketSpec,
+    backend: LimitBackend,
+}
+
+enum LimitBackend {
+    Local(KeyedLimiter),
+    Shared(Arc<dyn TokenBuckets>),
+}
+
+impl PublicLimit {
+    /// `per_minute` events per key per minute (also the burst), kept in `shared` when given,
+    /// else in this process.
+    pub fn new(
+        name: &'static str,
+        per_minute: u32,
+        shared: Option<Arc<dyn TokenBuckets>>,
+    ) -> PublicLimit {
+        let backend = match shared {
+            Some(buckets) => LimitBackend::Shared(buckets),
+            None => LimitBackend::Local(KeyedLimiter::new(LimitSpec::per_minute(per_minute))),
+        };
+        PublicLimit {
+            name,
+            spec: BucketSpec::per_minute(u64::from(per_minute)),
+            backend,
+        }
+    }
+
+    /// Takes one token for `key` if there is one; the answer carries the headers' figures.
+    pub async fn acquire(&self, key: &str) -> Admission {
+        match &self.backend {
+            LimitBackend::Local(limiter) => limiter.acquire(key).into(),
+            LimitBackend::Shared(buckets) => {
+                buckets.try_take(&self.shared_key(key), self.spec, 1).await
+            }
+        }
+    }
+
+    /// Gives back a token taken by [`acquire`](Self::acquire) (the event turned out not to
+    /// count, e.g. a login that succeeded). Never fills past the limit.
+    pub async fn refund(&self, key: &str) {
+        match &self.backend {
+            LimitBackend::Local(limiter) => limiter.refund(key),
+            LimitBackend::Shared(buckets) => {
+                buckets.adjust(&self.shared_key(key), self.spec, -1).await;
+            }
+        }
+    }
+
+    /// "local" or the shared buckets' backend ("redis").
+    pub fn backend(&self) -> &'static str {
+        match &self.backend {
+            LimitBackend::Local(_) => "local",
+            LimitBackend::Shared(buckets) => buckets.backend(),
+        }
+    }
+
+    fn shared_key(&self, key: &str) -> String {
+        format!("edge:{}:{key}", self.name)
+    }
 }
 
 /// Counters the edge keeps for itself (Prometheus export comes with observability).
@@ -250,14 +342,16 @@ impl Application {
             .await
             .with_context(|| format!("binding {}", config.server.bind))?;
         let local_addr = listener.local_addr()?;
-        let limiters = Limiters {
-            auth_per_ip: KeyedLimiter::new(LimitSpec::per_minute(
-                config.limits.auth_per_ip_per_minute,
-            )),
-            login_failures: KeyedLimiter::new(LimitSpec::per_minute(
-                config.limits.login_failures_per_account_per_minute,
-            )),
-        };
+        // Per-IP and per-account limits of the public routes: shared through Redis in a
+        // cluster, so they hold whichever node a client talks to.
+        let limiters = Limiters::new(
+            &config.limits,
+            config.redis.url.is_some().then(|| shared_buckets.clone()),
+        );
+        tracing::info!(
+            backend = limiters.auth_per_ip.backend(),
+            "public route limits"
+        );
         // How long a home waits for a turn's first outcome before the edge commits to a 200.
         let first_wait = config.sessions.turn_timeouts.first_token + Duration::from_secs(5);
         let cluster = match &config.cluster {

@@ -4,7 +4,7 @@
 //! and issues the next of the same family. Presenting a spent token means it was copied, so the
 //! whole family is revoked and both holders must log in again (OAuth 2.0 Security BCP, §4.14).
 
-use chorus_actors::quota::Decision;
+use chorus_actors::quota::Admission;
 use chorus_actors::store::{RefreshToken, Role, SpendOutcome, User, UserSettings};
 use chrono::Utc;
 use serde::Deserialize;
@@ -42,7 +42,7 @@ struct RefreshBody {
 }
 
 pub async fn register(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
-    let ip_decision = limit_by_ip(&ctx)?;
+    let ip_decision = limit_by_ip(&ctx).await?;
     let body: RegisterBody = ctx.json(body).await?;
     let limits = &ctx.state.config;
     let email = validate::email(&body.email)?;
@@ -88,7 +88,7 @@ pub async fn register(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
 }
 
 pub async fn login(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
-    let ip_decision = limit_by_ip(&ctx)?;
+    let ip_decision = limit_by_ip(&ctx).await?;
     let body: LoginBody = ctx.json(body).await?;
     let email = body.email.trim().to_lowercase();
     if email.is_empty() || body.password.is_empty() {
@@ -99,7 +99,12 @@ pub async fn login(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
     // (slow) password check and given back on success, so parallel guesses cannot all slip
     // through one remaining token.
     let account_key = format!("login:{email}");
-    let account = ctx.state.limiters.login_failures.acquire(&account_key);
+    let account = ctx
+        .state
+        .limiters
+        .login_failures
+        .acquire(&account_key)
+        .await;
     if !account.allowed {
         return Err(ApiError::rate_limited(
             account,
@@ -109,7 +114,7 @@ pub async fn login(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
     let user = match ctx.state.store.get_user_by_email(&email).await {
         Ok(user) => user,
         Err(e) => {
-            ctx.state.limiters.login_failures.refund(&account_key);
+            ctx.state.limiters.login_failures.refund(&account_key).await;
             return Err(e.into());
         }
     };
@@ -118,7 +123,7 @@ pub async fn login(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
     let Some(user) = user.filter(|_| verified) else {
         return Err(ApiError::unauthenticated("invalid email or password"));
     };
-    ctx.state.limiters.login_failures.refund(&account_key);
+    ctx.state.limiters.login_failures.refund(&account_key).await;
     tracing::info!(user_id = %user.id, "login");
     let mut response = token_response(&ctx, &user, Uuid::now_v7(), StatusCode::OK).await?;
     super::error::set_rate_limit_headers(&mut response, &ip_decision);
@@ -126,7 +131,7 @@ pub async fn login(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
 }
 
 pub async fn refresh(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
-    limit_by_ip(&ctx)?;
+    limit_by_ip(&ctx).await?;
     let body: RefreshBody = ctx.json(body).await?;
     let hash = tokens::hash_secret(&body.refresh_token);
     let now = Utc::now();
@@ -193,12 +198,13 @@ pub async fn logout(ctx: Ctx, body: Body) -> Result<Response, ApiError> {
     Ok(no_content())
 }
 
-fn limit_by_ip(ctx: &Ctx) -> Result<Decision, ApiError> {
+/// One token of the client IP's auth limit (shared by every node when Redis is configured).
+async fn limit_by_ip(ctx: &Ctx) -> Result<Admission, ApiError> {
     let key = ctx
         .client_ip()
         .map(|ip| ip.to_string())
         .unwrap_or_else(|| "unknown".into());
-    let decision = ctx.state.limiters.auth_per_ip.acquire(&key);
+    let decision = ctx.state.limiters.auth_per_ip.acquire(&key).await;
     if decision.allowed {
         Ok(decision)
     } else {

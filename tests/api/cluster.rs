@@ -9,10 +9,6 @@ use serde_json::{Value, json};
 
 use crate::helpers::*;
 
-#[path = "../../actors/tests/common/redis_server.rs"]
-mod redis_server;
-use redis_server::RedisServer;
-
 const COOKIE: &str = "test-cluster-cookie-0123456789";
 /// Slow enough to kill its node mid-answer: 400 words, 50 ms apart.
 const CRAWL: &str = "test-crawl";
