@@ -15,6 +15,7 @@ pub mod document;
 pub mod embed;
 pub mod extract;
 pub mod search;
+pub mod stream;
 pub mod supervisor;
 
 pub use document::ChunkEmbedder;

@@ -37,6 +37,12 @@ pub struct IndexerConfig {
     pub batch_size: usize,
     /// `None`: chunks are stored without embeddings.
     pub embedder: Option<Arc<dyn ChunkEmbedder>>,
+    /// Streamed formats (text, Markdown, CSV, JSON arrays) are read from the blob store in
+    /// pieces of this size, and chunked in windows of this much text.
+    pub piece_bytes: usize,
+    /// Largest file of a format read whole (PDF, DOCX, HTML, images, a JSON object); a larger
+    /// one fails with that reason.
+    pub max_whole_bytes: u64,
 }
 
 impl Default for IndexerConfig {
@@ -47,6 +53,8 @@ impl Default for IndexerConfig {
             extract: ExtractConfig::default(),
             batch_size: 64,
             embedder: None,
+            piece_bytes: 1024 * 1024,
+            max_whole_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -59,6 +67,8 @@ impl std::fmt::Debug for IndexerConfig {
             .field("extract", &self.extract)
             .field("batch_size", &self.batch_size)
             .field("embedder", &self.embedder.as_ref().map(|_| "<set>"))
+            .field("piece_bytes", &self.piece_bytes)
+            .field("max_whole_bytes", &self.max_whole_bytes)
             .finish()
     }
 }
