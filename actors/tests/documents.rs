@@ -539,3 +539,38 @@ async fn files_read_whole_are_capped_and_fail_with_the_reason() {
     wait_for(&*s.store, &doc, DocumentStatus::Ready).await;
     s.node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn resume_at_start_can_be_limited_to_some_users() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("c.db")).unwrap());
+    let blobs = BlobStore::in_memory();
+    let (here, elsewhere) = (user(&*store).await, user(&*store).await);
+    let mut docs = Vec::new();
+    for user_id in [here, elsewhere] {
+        let doc = Document {
+            status: DocumentStatus::Processing,
+            ..pending(user_id, "Left unfinished.")
+        };
+        store.create_document(&doc).await.unwrap();
+        blobs
+            .put(&doc.blob_key, Bytes::from_static(b"Left unfinished."))
+            .await
+            .unwrap();
+        docs.push(doc);
+    }
+    let indexer = IndexerConfig {
+        concurrency: 1,
+        resume_users: Some(Arc::new(move |user_id| user_id == here)),
+        ..Default::default()
+    };
+    let s = start_with(dir, store, blobs, indexer, 1000).await;
+    wait_for(&*s.store, &docs[0], DocumentStatus::Ready).await;
+    // The other user's document is left for the node that is their home: a document queued
+    // after the resume (one at a time, in order) is done while it is still untouched.
+    let later = upload(&s, here, "Queued after the resume.").await;
+    wait_for(&*s.store, &later, DocumentStatus::Ready).await;
+    let other = s.store.get_document(elsewhere, docs[1].id).await.unwrap();
+    assert_eq!(other.map(|d| d.status), Some(DocumentStatus::Processing));
+    s.node.shutdown().await;
+}

@@ -19,4 +19,4 @@ pub mod stream;
 pub mod supervisor;
 
 pub use document::ChunkEmbedder;
-pub use supervisor::{Documents, Indexer, IndexerConfig, IndexerSupervisor};
+pub use supervisor::{Documents, Indexer, IndexerConfig, IndexerSupervisor, ResumeFilter};

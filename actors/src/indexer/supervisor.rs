@@ -8,7 +8,8 @@
 //! queue and stay `pending`; each indexer that ends (done, failed, cancelled or crashed) frees a
 //! slot for the next. A crashed indexer's document is marked `failed` with the crash as reason.
 //! When it starts, the supervisor queues every document left `pending` or `processing` by a
-//! previous process, so none stays `processing` forever.
+//! previous process, so none stays `processing` forever — of every user, or only of those
+//! [`IndexerConfig::resume_users`] accepts (a cluster node: the users homed on it).
 //!
 //! The edge and the sessions reach it through the [`Indexer`] handle, which follows restarts.
 
@@ -25,6 +26,9 @@ use super::document::{ChunkEmbedder, DocumentIndexer, DocumentIndexerArgs, mark_
 use super::extract::ExtractConfig;
 use crate::blob::BlobStore;
 use crate::store::Store;
+
+/// Which users' unfinished documents a node resumes when it starts ("is this user homed here").
+pub type ResumeFilter = Arc<dyn Fn(Uuid) -> bool + Send + Sync>;
 
 /// Tunables of ingestion (`[documents]` in chorus.toml).
 #[derive(Clone)]
@@ -43,6 +47,8 @@ pub struct IndexerConfig {
     /// Largest file of a format read whole (PDF, DOCX, HTML, images, a JSON object); a larger
     /// one fails with that reason.
     pub max_whole_bytes: u64,
+    /// Resume at start only these users' unfinished documents; `None`: every user's.
+    pub resume_users: Option<ResumeFilter>,
 }
 
 impl Default for IndexerConfig {
@@ -55,6 +61,7 @@ impl Default for IndexerConfig {
             embedder: None,
             piece_bytes: 1024 * 1024,
             max_whole_bytes: 64 * 1024 * 1024,
+            resume_users: None,
         }
     }
 }
@@ -69,6 +76,10 @@ impl std::fmt::Debug for IndexerConfig {
             .field("embedder", &self.embedder.as_ref().map(|_| "<set>"))
             .field("piece_bytes", &self.piece_bytes)
             .field("max_whole_bytes", &self.max_whole_bytes)
+            .field(
+                "resume_users",
+                &self.resume_users.as_ref().map(|_| "<filter>"),
+            )
             .finish()
     }
 }
@@ -207,7 +218,10 @@ impl Actor for IndexerSupervisor {
                 // A failing store must not take the supervisor down with it: the documents stay
                 // unfinished and the next start tries again.
                 match state.store.list_unfinished_documents(RESUME_LIMIT).await {
-                    Ok(documents) => {
+                    Ok(mut documents) => {
+                        if let Some(homed_here) = &state.config.resume_users {
+                            documents.retain(|doc| homed_here(doc.user_id));
+                        }
                         if !documents.is_empty() {
                             tracing::info!(
                                 count = documents.len(),
