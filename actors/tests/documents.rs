@@ -498,6 +498,10 @@ async fn files_read_whole_are_capped_and_fail_with_the_reason() {
         concurrency: 1,
         piece_bytes: 256,
         max_whole_bytes: 1000,
+        extract: chorus_actors::indexer::extract::ExtractConfig {
+            max_text_bytes: 5000,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let s = start_with(dir, store, BlobStore::in_memory(), indexer, 10_000_000).await;
@@ -533,6 +537,23 @@ async fn files_read_whole_are_capped_and_fail_with_the_reason() {
     let doc = upload_as(&s, user_id, "o.json", "application/json", object.as_bytes()).await;
     let failed = wait_for(&*s.store, &doc, DocumentStatus::Failed).await;
     assert!(failed.error.unwrap().contains("JSON array"));
+
+    // Streamed text stays under max_text_bytes too.
+    let long = "Too much text. ".repeat(400);
+    let doc = upload_as(&s, user_id, "long.txt", "text/plain", long.as_bytes()).await;
+    let failed = wait_for(&*s.store, &doc, DocumentStatus::Failed).await;
+    let reason = failed.error.unwrap();
+    assert!(
+        reason.contains("exceeds the limit of 5000 bytes"),
+        "{reason}"
+    );
+    assert!(
+        s.store
+            .list_chunks(user_id, doc.id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // The node goes on: a small text after them is ingested.
     let doc = upload(&s, user_id, "Still serving.").await;

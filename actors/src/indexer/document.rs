@@ -4,7 +4,8 @@
 //! **Memory stays bounded.** Text, Markdown, CSV and JSON arrays are streamed: the blob is read
 //! in ranged pieces of `piece_bytes` (1 MiB), parsed on a thread ([`super::stream`]), chunked in
 //! windows ([`StreamChunker`]), and each batch of chunks is embedded and stored before more is
-//! read, so a document of any size holds a few pieces and one batch at a time. HTML, PDF, DOCX
+//! read, so a document of any size holds a few pieces and one batch at a time (its extracted
+//! text is still capped by `max_text_bytes`, a bound on cost, not memory). HTML, PDF, DOCX
 //! and images need the whole file: those are read whole up to `max_whole_bytes` (64 MiB), and a
 //! larger one fails with that reason before it is read.
 //!
@@ -380,8 +381,17 @@ async fn ingest_streamed(
         // The share of the file whose chunks are queued: a window's chunks spread the progress
         // from there to what has been read since.
         let mut queued = 0.0;
+        // Extracted text is capped as when read whole (JSON flattening can expand a file).
+        let limit = config.extract.max_text_bytes;
+        let mut extracted = 0usize;
         while let Some(text) = texts.recv().await {
             let text = text.map_err(|e| Failure::Document(e.to_string()))?;
+            extracted += text.len();
+            if extracted > limit {
+                return Err(Failure::Document(
+                    super::extract::ExtractError::TooLarge { limit }.to_string(),
+                ));
+            }
             let drafts = chunker.push(&text);
             if !drafts.is_empty() {
                 let now = share();

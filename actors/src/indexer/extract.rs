@@ -245,7 +245,8 @@ pub const TEXT_PIECE_BYTES: usize = 256 * 1024;
 
 /// Reads a streamed format ([`is_streamed`]) from `input` and hands its text to `emit` in pieces
 /// of about [`TEXT_PIECE_BYTES`], in order: the pieces joined are what [`extract_sync`] returns
-/// for the same bytes (with no `max_text_bytes` cap: memory stays bounded either way). Holds at
+/// for the same bytes (`max_text_bytes` is the caller's to count: memory stays bounded either
+/// way). Holds at
 /// most about `read_bytes` of input and one piece of output, except that a JSON document whose
 /// top level is an object is read whole (its keys are sorted) — allowed only when
 /// `whole_objects`. An error from `emit` ends the stream and is returned.
