@@ -2,18 +2,18 @@
 //! path, then stops.
 //!
 //! **Memory stays bounded.** Text, Markdown, CSV and JSON arrays are streamed: the blob is read
-//! in ranged pieces of `piece_bytes` (1 MiB), parsed on a thread ([`super::stream`]), chunked in
-//! windows ([`StreamChunker`]), and each batch of chunks is embedded and stored before more is
-//! read, so a document of any size holds a few pieces and one batch at a time (its extracted
-//! text is still capped by `max_text_bytes`, a bound on cost, not memory). HTML, PDF, DOCX
-//! and images need the whole file: those are read whole up to `max_whole_bytes` (64 MiB), and a
-//! larger one fails with that reason before it is read.
+//! in ranged pieces of `piece_bytes` (1 MiB), parsed and chunked in windows on a thread
+//! ([`super::stream`], [`super::chunk::StreamChunker`]), and each batch of chunks is embedded
+//! and stored before more is read, so a document of any size holds a few pieces and windows
+//! and one batch at a time (its extracted text is still capped by `max_text_bytes`, a bound on
+//! cost, not memory). HTML, PDF, DOCX and images need the whole file: those are read whole up
+//! to `max_whole_bytes` (64 MiB), and a larger one fails with that reason before it is read.
 //!
 //! Progress is written as it goes: `processing` at 0.05; streamed, then up to 0.99 with the
 //! share of the file read when each batch is stored; read whole, 0.4 once extracted and
 //! chunked, then up to 0.99 as chunk batches are stored; 1.0 is `ready`. The document ends
-//! `ready` with its chunk count or `failed` with a reason a user can act on. Every write checks that the document still exists:
-//! a delete while this runs stops it without leaving chunks behind (`put_chunks` refuses chunks of
+//! `ready` with its chunk count or `failed` with a reason a user can act on. Every write checks
+//! that the document still exists: a delete while this runs stops it without leaving chunks behind (`put_chunks` refuses chunks of
 //! a missing document). Ingestion starts over from the blob each time (existing chunks are
 //! dropped first), so a document resumed after a crash ends the same as one ingested once.
 //!
@@ -31,10 +31,10 @@ use ractor_cluster::RactorMessage;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::chunk::{ChunkDraft, StreamChunker, chunk};
+use super::chunk::{ChunkDraft, chunk};
 use super::detect::DocumentKind;
 use super::extract::{extract, is_streamed, run_isolated};
-use super::stream::spawn_parser;
+use super::stream::{ParserConfig, spawn_parser};
 use super::supervisor::IndexerConfig;
 use crate::blob::{BlobError, BlobStore};
 use crate::store::{Chunk, Document, DocumentProgress, DocumentStatus, Store};
@@ -335,8 +335,8 @@ impl<'a> Sink<'a> {
     }
 }
 
-/// A streamed format: ranged reads of `piece_bytes` → parser thread → windows of chunks → the
-/// sink, each stage waiting on the next. False: the document is gone.
+/// A streamed format: ranged reads of `piece_bytes` → parser thread (extract, chunk) → windows
+/// of chunks → the sink, each stage waiting on the next. False: the document is gone.
 async fn ingest_streamed(
     state: &DocumentIndexerArgs,
     document: &Document,
@@ -350,9 +350,16 @@ async fn ingest_streamed(
         .size(&document.blob_key)
         .await
         .map_err(blob_failure)?;
-    let parser = spawn_parser(kind, piece, size <= config.max_whole_bytes)
-        .map_err(|e| Failure::Document(e.to_string()))?;
-    let (pieces, mut texts) = (parser.pieces, parser.text);
+    let parser = spawn_parser(ParserConfig {
+        kind,
+        piece_bytes: piece,
+        whole_objects: size <= config.max_whole_bytes,
+        chunk: config.chunk,
+        // Extracted text is capped as when read whole (JSON flattening can expand a file).
+        max_text_bytes: config.extract.max_text_bytes,
+    })
+    .map_err(|e| Failure::Document(e.to_string()))?;
+    let (pieces, mut windows) = (parser.pieces, parser.chunks);
     let read = AtomicU64::new(0);
     let read = &read;
     // The share of the file read so far.
@@ -377,31 +384,18 @@ async fn ingest_streamed(
         Ok::<(), Failure>(())
     };
     let consume = async move {
-        let mut chunker = StreamChunker::new(config.chunk, kind == DocumentKind::Markdown, piece);
         // The share of the file whose chunks are queued: a window's chunks spread the progress
         // from there to what has been read since.
         let mut queued = 0.0;
-        // Extracted text is capped as when read whole (JSON flattening can expand a file).
-        let limit = config.extract.max_text_bytes;
-        let mut extracted = 0usize;
-        while let Some(text) = texts.recv().await {
-            let text = text.map_err(|e| Failure::Document(e.to_string()))?;
-            extracted += text.len();
-            if extracted > limit {
-                return Err(Failure::Document(
-                    super::extract::ExtractError::TooLarge { limit }.to_string(),
-                ));
+        while let Some(drafts) = windows.recv().await {
+            let drafts = drafts.map_err(|e| Failure::Document(e.to_string()))?;
+            let now = share();
+            if !store_window(sink, drafts, queued, now).await? {
+                return Ok(false);
             }
-            let drafts = chunker.push(&text);
-            if !drafts.is_empty() {
-                let now = share();
-                if !store_window(sink, drafts, queued, now).await? {
-                    return Ok(false);
-                }
-                queued = now;
-            }
+            queued = now;
         }
-        store_window(sink, chunker.finish(), queued, 1.0).await
+        Ok::<bool, Failure>(true)
     };
     let ((), present) = tokio::try_join!(feed, consume)?;
     Ok(present)
