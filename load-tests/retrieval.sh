@@ -8,8 +8,11 @@
 #   load-tests/retrieval.sh [QUERIES] [SIZES]        (defaults: 300 10000,100000)
 #
 # Needs the model: scripts/fetch-minilm (installs it when missing; CHORUS_MINILM_DIR overrides
-# where it lives). Builds only chorus-actors in release.
+# where it lives). Builds in release what ingest.sh also needs (the server and this example, in
+# one build, so the two scripts share it instead of compiling the dependencies twice with
+# different features).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-minilm >/dev/null
-cargo run --release --quiet -p chorus-actors --example retrieval_bench -- "${1:-300}" "${2:-10000,100000}"
+cargo build --release --locked --quiet -p chorus -p chorus-actors --example retrieval_bench
+target/release/examples/retrieval_bench "${1:-300}" "${2:-10000,100000}"

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use chorus_actors::indexer::embed::local::LocalEmbedder;
-use chorus_actors::indexer::search::{ChunkId, Hit, IndexedChunk, UserIndex};
+use chorus_actors::indexer::search::{ChunkId, Fusion, Hit, IndexedChunk, RRF_K, UserIndex};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use uuid::Uuid;
@@ -180,7 +180,7 @@ fn latency_run(chunks: usize, queries: usize) {
             Box::new(|_, v| index.search("", Some(v), None, TOP_K)),
         ),
         (
-            "hybrid (RRF)",
+            "hybrid (score fusion)",
             Box::new(|q, v| index.search(q, Some(v), None, TOP_K)),
         ),
         (
@@ -291,28 +291,50 @@ fn recall(embedder: &LocalEmbedder) {
         passages.len(),
         questions.len()
     );
-    println!("| mode | recall@1 | recall@5 | MRR@10 | missed at 5 |");
-    println!("| --- | --- | --- | --- | --- |");
-    type Mode = fn(&UserIndex, &str, &[f32]) -> Vec<Hit>;
-    let modes: [(&str, Mode); 3] = [
-        ("BM25 only", |ix, q, _| ix.search(q, None, None, 10)),
-        ("vector only", |ix, _, v| ix.search("", Some(v), None, 10)),
-        ("hybrid (RRF)", |ix, q, v| ix.search(q, Some(v), None, 10)),
+    println!("| mode | recall@1 | recall@3 | recall@5 | MRR@10 | missed at 3 |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    let rrf = index.clone().with_fusion(Fusion::Rrf { k: RRF_K });
+    let hybrid_name = match index.fusion() {
+        Fusion::Convex { vector_weight } => format!(
+            "hybrid (score fusion, {vector_weight:.1}·cos + {:.1}·BM25; default)",
+            1.0 - vector_weight
+        ),
+        Fusion::Rrf { k } => format!("hybrid (RRF, k = {k}; default)"),
+    };
+    type Mode<'a> = (String, Box<dyn Fn(&str, &[f32]) -> Vec<Hit> + 'a>);
+    let modes: Vec<Mode> = vec![
+        (
+            "BM25 only".into(),
+            Box::new(|q, _| index.search(q, None, None, 10)),
+        ),
+        (
+            "vector only".into(),
+            Box::new(|_, v| index.search("", Some(v), None, 10)),
+        ),
+        (
+            format!("hybrid (RRF, k = {RRF_K})"),
+            Box::new(|q, v| rrf.search(q, Some(v), None, 10)),
+        ),
+        (
+            hybrid_name,
+            Box::new(|q, v| index.search(q, Some(v), None, 10)),
+        ),
     ];
     for (name, run) in modes {
-        let (mut at1, mut at5, mut rr) = (0, 0, 0.0);
+        let (mut at1, mut at3, mut at5, mut rr) = (0, 0, 0, 0.0);
         let mut missed = Vec::new();
         for (question, vector) in questions.iter().zip(&query_vectors) {
-            let hits = run(&index, &question.question, vector);
+            let hits = run(&question.question, vector);
             let rank = hits.iter().position(|h| {
                 passages[(h.document_id.as_u128() - 1) as usize].id == question.answer
             });
             match rank {
                 Some(r) => {
                     at1 += usize::from(r == 0);
+                    at3 += usize::from(r < 3);
                     at5 += usize::from(r < 5);
                     rr += 1.0 / (r as f64 + 1.0);
-                    if r >= 5 {
+                    if r >= 3 {
                         missed.push(question.answer.as_str());
                     }
                 }
@@ -321,8 +343,10 @@ fn recall(embedder: &LocalEmbedder) {
         }
         let n = questions.len() as f64;
         println!(
-            "| {name} | {:.2} ({at1}/{}) | {:.2} ({at5}/{}) | {:.3} | {} |",
+            "| {name} | {:.2} ({at1}/{}) | {:.2} ({at3}/{}) | {:.2} ({at5}/{}) | {:.3} | {} |",
             at1 as f64 / n,
+            questions.len(),
+            at3 as f64 / n,
             questions.len(),
             at5 as f64 / n,
             questions.len(),

@@ -55,9 +55,24 @@ async fn start(
     blobs: BlobStore,
     embedder: Option<Arc<dyn ChunkEmbedder>>,
 ) -> Setup {
+    let indexer = IndexerConfig {
+        concurrency: 1,
+        embedder,
+        ..Default::default()
+    };
+    start_with(dir, store, blobs, indexer, 1000).await
+}
+
+async fn start_with(
+    dir: tempfile::TempDir,
+    store: Arc<dyn Store>,
+    blobs: BlobStore,
+    indexer: IndexerConfig,
+    upload_max_bytes: u64,
+) -> Setup {
     let sessions = SessionConfig {
         call_timeout: Duration::from_secs(5),
-        tiers: tiers(1000),
+        tiers: tiers(upload_max_bytes),
         ..Default::default()
     };
     let empty = CatalogueFile {
@@ -67,11 +82,7 @@ async fn start(
     let catalogue = Arc::new(Catalogue::build(&empty, &|_| None).unwrap());
     let documents = DocumentsConfig {
         blobs: blobs.clone(),
-        indexer: IndexerConfig {
-            concurrency: 1,
-            embedder,
-            ..Default::default()
-        },
+        indexer,
     };
     let node = Node::start_with(store.clone(), catalogue, sessions, Some(documents))
         .await
@@ -338,7 +349,8 @@ async fn deleting_a_document_stops_its_ingestion_and_frees_the_slot() {
         .unwrap()
         .unwrap();
     assert_eq!(processing.status, DocumentStatus::Processing);
-    assert_eq!(processing.progress, 0.4);
+    // Streamed: nothing is stored before its first batch is embedded.
+    assert_eq!(processing.progress, 0.05);
 
     // Concurrency 1: the second waits, pending, behind the first.
     let second = upload(&s, user_id, "Waits its turn.").await;
@@ -398,5 +410,188 @@ async fn the_tier_bounds_uploads() {
         Err(SessionError::TooLarge { limit: 1000, .. })
     ));
     assert_eq!(s.store.get_document(user_id, big.id).await.unwrap(), None);
+    s.node.shutdown().await;
+}
+
+/// Stores `bytes` as a document named `name` of type `mime`.
+async fn upload_as(s: &Setup, user_id: Uuid, name: &str, mime: &str, bytes: &[u8]) -> Document {
+    let mut doc = pending(user_id, "");
+    doc.name = name.into();
+    doc.mime = mime.into();
+    doc.size = bytes.len() as i64;
+    s.blobs
+        .put(&doc.blob_key, Bytes::copy_from_slice(bytes))
+        .await
+        .unwrap();
+    s.node.sessions.create_document(doc.clone()).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn large_documents_are_streamed_in_pieces_with_the_same_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("c.db")).unwrap());
+    let params = chorus_actors::indexer::chunk::ChunkParams {
+        target_tokens: 60,
+        overlap_tokens: 10,
+    };
+    let indexer = IndexerConfig {
+        concurrency: 1,
+        embedder: Some(embedder()),
+        // Pieces and windows far smaller than the document: about 60 of each.
+        piece_bytes: 4096,
+        chunk: params,
+        ..Default::default()
+    };
+    let s = start_with(dir, store, BlobStore::in_memory(), indexer, 10_000_000).await;
+    let user_id = user(&*s.store).await;
+    let mut markdown = String::from("\u{FEFF}# Handbook\r\n\r\n");
+    for i in 0..1500 {
+        markdown.push_str(&format!(
+            "## Rule {i}\r\n\r\nRule {i} says: keep the ünïcödé text whole. It is streamed.\r\n\r\n"
+        ));
+        if i % 3 == 0 {
+            markdown.push_str(&format!(
+                "A second paragraph for rule {i}, a little longer than the first one.\r\n\r\n"
+            ));
+        }
+    }
+    assert!(markdown.len() > 100_000);
+    let doc = upload_as(
+        &s,
+        user_id,
+        "handbook.md",
+        "text/markdown",
+        markdown.as_bytes(),
+    )
+    .await;
+    let ready = wait_for(&*s.store, &doc, DocumentStatus::Ready).await;
+
+    // What reading it whole gives: the same chunks, positions and heading paths.
+    let whole = chorus_actors::indexer::extract::extract_sync(
+        chorus_actors::indexer::detect::DocumentKind::Markdown,
+        markdown.as_bytes(),
+        usize::MAX,
+    )
+    .unwrap();
+    let expected = chorus_actors::indexer::chunk::chunk(&whole, &params);
+    let chunks = s.store.list_chunks(user_id, doc.id).await.unwrap();
+    assert_eq!(ready.chunk_count as usize, expected.len());
+    assert_eq!(chunks.len(), expected.len());
+    for (i, (got, want)) in chunks.iter().zip(&expected).enumerate() {
+        assert_eq!(got.seq, i as i64);
+        assert_eq!(got.text, want.text);
+        assert_eq!(got.position, want.position);
+        assert!(got.embedding.is_some());
+    }
+    assert_eq!(
+        chunks.last().unwrap().position.heading_path,
+        vec!["Handbook".to_owned(), "Rule 1499".to_owned()]
+    );
+    s.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn files_read_whole_are_capped_and_fail_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("c.db")).unwrap());
+    let indexer = IndexerConfig {
+        concurrency: 1,
+        piece_bytes: 256,
+        max_whole_bytes: 1000,
+        extract: chorus_actors::indexer::extract::ExtractConfig {
+            max_text_bytes: 5000,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let s = start_with(dir, store, BlobStore::in_memory(), indexer, 10_000_000).await;
+    let user_id = user(&*s.store).await;
+    let mut pdf = b"%PDF-1.4\n".to_vec();
+    pdf.resize(2000, b' ');
+    let doc = upload_as(&s, user_id, "big.pdf", "application/pdf", &pdf).await;
+    let failed = wait_for(&*s.store, &doc, DocumentStatus::Failed).await;
+    let reason = failed.error.unwrap();
+    assert!(
+        reason.contains("read whole, at most 1000 bytes"),
+        "{reason}"
+    );
+    assert!(reason.contains("2000"), "{reason}");
+
+    // JSON: an array beyond the cap streams; an object that large cannot be read whole.
+    let items: Vec<String> = (0..100).map(|i| format!("{{\"n\": {i}}}")).collect();
+    let array = format!("[{}]", items.join(","));
+    let doc = upload_as(&s, user_id, "a.json", "application/json", array.as_bytes()).await;
+    let ready = wait_for(&*s.store, &doc, DocumentStatus::Ready).await;
+    assert!(ready.chunk_count >= 1);
+    let text: String = s
+        .store
+        .list_chunks(user_id, doc.id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.text.clone())
+        .collect();
+    assert!(text.contains("[99].n: 99"), "{text}");
+    let entries: Vec<String> = (0..200).map(|i| format!("\"k{i}\": {i}")).collect();
+    let object = format!("{{{}}}", entries.join(","));
+    let doc = upload_as(&s, user_id, "o.json", "application/json", object.as_bytes()).await;
+    let failed = wait_for(&*s.store, &doc, DocumentStatus::Failed).await;
+    assert!(failed.error.unwrap().contains("JSON array"));
+
+    // Streamed text stays under max_text_bytes too.
+    let long = "Too much text. ".repeat(400);
+    let doc = upload_as(&s, user_id, "long.txt", "text/plain", long.as_bytes()).await;
+    let failed = wait_for(&*s.store, &doc, DocumentStatus::Failed).await;
+    let reason = failed.error.unwrap();
+    assert!(
+        reason.contains("exceeds the limit of 5000 bytes"),
+        "{reason}"
+    );
+    assert!(
+        s.store
+            .list_chunks(user_id, doc.id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // The node goes on: a small text after them is ingested.
+    let doc = upload(&s, user_id, "Still serving.").await;
+    wait_for(&*s.store, &doc, DocumentStatus::Ready).await;
+    s.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn resume_at_start_can_be_limited_to_some_users() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("c.db")).unwrap());
+    let blobs = BlobStore::in_memory();
+    let (here, elsewhere) = (user(&*store).await, user(&*store).await);
+    let mut docs = Vec::new();
+    for user_id in [here, elsewhere] {
+        let doc = Document {
+            status: DocumentStatus::Processing,
+            ..pending(user_id, "Left unfinished.")
+        };
+        store.create_document(&doc).await.unwrap();
+        blobs
+            .put(&doc.blob_key, Bytes::from_static(b"Left unfinished."))
+            .await
+            .unwrap();
+        docs.push(doc);
+    }
+    let indexer = IndexerConfig {
+        concurrency: 1,
+        resume_users: Some(Arc::new(move |user_id| user_id == here)),
+        ..Default::default()
+    };
+    let s = start_with(dir, store, blobs, indexer, 1000).await;
+    wait_for(&*s.store, &docs[0], DocumentStatus::Ready).await;
+    // The other user's document is left for the node that is their home: a document queued
+    // after the resume (one at a time, in order) is done while it is still untouched.
+    let later = upload(&s, here, "Queued after the resume.").await;
+    wait_for(&*s.store, &later, DocumentStatus::Ready).await;
+    let other = s.store.get_document(elsewhere, docs[1].id).await.unwrap();
+    assert_eq!(other.map(|d| d.status), Some(DocumentStatus::Processing));
     s.node.shutdown().await;
 }

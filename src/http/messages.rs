@@ -92,7 +92,7 @@ pub async fn send(ctx: Ctx, thread: String, body: Body) -> Result<Response, ApiE
         body.temperature,
         body.max_tokens,
     )?;
-    reject_unsupported(body.web_search, None)?;
+    reject_unsupported(body.web_search)?;
     attach_documents(&ctx, &mut send, body.document_ids).await?;
     let stream = body.stream.unwrap_or(true);
     let started = ctx
@@ -144,21 +144,12 @@ pub async fn send(ctx: Ctx, thread: String, body: Body) -> Result<Response, ApiE
 }
 
 /// Web search arrives with a later issue; until then asking for it is an error, not a silent
-/// no-op. Documents over the WebSocket likewise (they work on `POST …/messages`).
-pub fn reject_unsupported(
-    web_search: Option<bool>,
-    document_ids: Option<&[String]>,
-) -> Result<(), ApiError> {
+/// no-op.
+pub fn reject_unsupported(web_search: Option<bool>) -> Result<(), ApiError> {
     if web_search == Some(true) {
         return Err(ApiError::field(
             "web_search",
             "web search is not available on this server yet",
-        ));
-    }
-    if document_ids.is_some_and(|d| !d.is_empty()) {
-        return Err(ApiError::field(
-            "document_ids",
-            "documents are attached with POST /api/v1/threads/{id}/messages, not yet over the WebSocket",
         ));
     }
     Ok(())
@@ -167,8 +158,10 @@ pub fn reject_unsupported(
 /// Most documents one message may name before the tier's own limit is even looked at.
 const DOCUMENTS_PER_MESSAGE_MAX: usize = 100;
 
-/// Attaches `document_ids` to a message: ids checked (an id that is no document id is a 404, as
-/// any other resource), duplicates dropped, and the message embedded for retrieval among them.
+/// Attaches `document_ids` to a message — for `POST …/messages` and the WebSocket's `send` alike:
+/// ids checked (an id that is no document id is a 404, as any other resource), duplicates
+/// dropped, and the message embedded for retrieval among them. Whether each is the user's and
+/// `ready` is the session's check when the turn starts.
 pub async fn attach_documents(
     ctx: &Ctx,
     send: &mut SendMessage,

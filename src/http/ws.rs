@@ -1,6 +1,7 @@
 //! `GET /api/v1/ws`: the chat protocol over one WebSocket (API.md, WebSocket).
 //!
-//! Client frames: `send` (same body as POST messages, plus `thread_id`), `subscribe` (`thread_id`,
+//! Client frames: `send` (same body as POST messages, plus `thread_id`; `document_ids` are
+//! checked and retrieved from exactly as there), `subscribe` (`thread_id`,
 //! optional `after`), `cancel` (`thread_id`, `turn_id`), `ping`. Server frames are the SSE events
 //! as `{"type": <event>, "id": <seq>, ...data}`, plus `pong` and `error` (a request that failed:
 //! `{type: "error", code, message, request?}`).
@@ -27,7 +28,7 @@ use warp::reply::Response;
 
 use super::context::{Ctx, Principal};
 use super::error::ApiError;
-use super::messages::{reject_unsupported, validate_send};
+use super::messages::{attach_documents, reject_unsupported, validate_send};
 
 /// Outgoing frames waiting for a slow client, per socket.
 const OUTBOX: usize = 64;
@@ -237,18 +238,17 @@ async fn handle_frame(state: &mut Socket, text: &str) {
             web_search,
             document_ids,
         } => {
-            let result = match reject_unsupported(web_search, document_ids.as_deref()) {
+            let result = match reject_unsupported(web_search) {
                 Ok(()) => {
-                    send(
-                        state,
-                        thread_id,
+                    let fields = SendFields {
                         content,
                         model,
                         models,
                         temperature,
                         max_tokens,
-                    )
-                    .await
+                        document_ids,
+                    };
+                    send(state, thread_id, fields).await
                 }
                 Err(e) => Err(e),
             };
@@ -273,17 +273,27 @@ fn thread_uuid(id: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(id).map_err(|_| ApiError::not_found("thread"))
 }
 
-async fn send(
-    state: &mut Socket,
-    thread_id: String,
+/// A `send` frame's message fields.
+struct SendFields {
     content: String,
     model: Option<String>,
     models: Option<Vec<String>>,
     temperature: Option<f64>,
     max_tokens: Option<u32>,
-) -> Result<(), ApiError> {
+    document_ids: Option<Vec<String>>,
+}
+
+async fn send(state: &mut Socket, thread_id: String, fields: SendFields) -> Result<(), ApiError> {
     let thread = thread_uuid(&thread_id)?;
-    let send = validate_send(&state.ctx, content, model, models, temperature, max_tokens)?;
+    let mut send = validate_send(
+        &state.ctx,
+        fields.content,
+        fields.model,
+        fields.models,
+        fields.temperature,
+        fields.max_tokens,
+    )?;
+    attach_documents(&state.ctx, &mut send, fields.document_ids).await?;
     let started = state
         .ctx
         .state

@@ -51,7 +51,7 @@ async fn upload_raw(app: &TestApp, token: &str, name: &str, bytes: &[u8]) -> Res
 }
 
 /// Uploads; asserts 202 and the `pending` answer; returns the document id.
-async fn upload(app: &TestApp, token: &str, name: &str, bytes: &[u8]) -> String {
+pub(crate) async fn upload(app: &TestApp, token: &str, name: &str, bytes: &[u8]) -> String {
     let response = upload_raw(app, token, name, bytes).await;
     let status = response.status();
     let body = body_json(response).await;
@@ -83,7 +83,7 @@ async fn settled(app: &TestApp, token: &str, id: &str) -> Value {
     }
 }
 
-async fn ready(app: &TestApp, token: &str, id: &str) -> Value {
+pub(crate) async fn ready(app: &TestApp, token: &str, id: &str) -> Value {
     let document = settled(app, token, id).await;
     assert_eq!(document["status"], "ready", "{document}");
     assert_eq!(document["progress"], 1.0, "{document}");
@@ -727,13 +727,13 @@ async fn unreadable_or_malformed_uploads_are_refused_and_change_nothing() {
 }
 
 /// The all-MiniLM-L6-v2 files `scripts/fetch-minilm` installs (`.ci/run` runs it).
-fn minilm_dir() -> String {
+pub(crate) fn minilm_dir() -> String {
     std::env::var("CHORUS_MINILM_DIR").unwrap_or_else(|_| {
         concat!(env!("CARGO_MANIFEST_DIR"), "/data/models/all-MiniLM-L6-v2").to_owned()
     })
 }
 
-fn jsonl(name: &str) -> Vec<Value> {
+pub(crate) fn jsonl(name: &str) -> Vec<Value> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/retrieval")
         .join(name);
@@ -747,7 +747,7 @@ fn jsonl(name: &str) -> Vec<Value> {
 
 /// The shipped corpus as one Markdown document, a section per passage (one chunk each, its
 /// heading path ending in the passage id).
-fn corpus_markdown(passages: &[Value]) -> String {
+pub(crate) fn corpus_markdown(passages: &[Value]) -> String {
     let mut markdown = String::from("# Corpus\n\n");
     for p in passages {
         markdown.push_str(&format!(
@@ -806,13 +806,14 @@ async fn questions_about_an_uploaded_document_find_their_passage_in_the_top_3() 
             found += 1;
         }
     }
-    // Measured 25 of 28: the three misses are questions that share no word with their passage
-    // ("money back" / "refund"), where reciprocal rank fusion lifts chunks found by both lists
-    // above the vector list's first hit (load-tests/README.md, retrieval).
-    let recall = f64::from(found) / questions.len() as f64;
-    assert!(
-        recall >= 0.85,
-        "recall@3 {recall:.2} ({found} of {})",
+    // Every question: score fusion (0.7 × cosine + 0.3 × BM25, each normalised) keeps the
+    // vectors' answer on top when a question shares no word with its passage ("money back" /
+    // "refund"), where reciprocal rank fusion found 25 of 28 (load-tests/README.md, retrieval);
+    // the answers lead the 4th result by at least 0.23 of the fused score.
+    assert_eq!(
+        found,
+        questions.len(),
+        "recall@3 {found} of {}",
         questions.len()
     );
 
@@ -879,7 +880,7 @@ async fn without_an_embedder_search_is_lexical_and_says_so() {
 }
 
 /// A mock model whose window is too small for the shipped corpus whole, and one that fits it.
-const RAG_MODELS: &str = r#"
+pub(crate) const RAG_MODELS: &str = r#"
 [providers.mock]
 kind = "mock"
 

@@ -1,6 +1,7 @@
 //! `GET /api/v1/ws`: the chat protocol over one WebSocket — authentication (query token or
 //! header), `send`, `subscribe` with `after`, `cancel`, `ping`, error frames for bad requests
-//! (the socket stays open), and isolation between users.
+//! (the socket stays open), `document_ids` on `send` (retrieval and citations as over HTTP),
+//! and isolation between users.
 
 use std::time::Instant;
 
@@ -11,6 +12,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use crate::documents::{RAG_MODELS, corpus_markdown, jsonl, minilm_dir, ready, upload};
 use crate::helpers::{EVENT_TIMEOUT, SseEvent, TestApp, TestModel, catalogue_toml, id_of, lorem};
 
 const SLOW: &str = "mock-slow";
@@ -553,8 +555,6 @@ async fn send_over_the_socket_validates_like_post_messages() {
     let thread = id_of(&app.create_thread(session.token(), &json!({})).await);
     let mut ws = Ws::connect(&app, session.token()).await;
     // The same body as POST messages: what HTTP rejects, the socket rejects too.
-    // (Documents are attached over HTTP only for now: there an unknown id is a 404, and the
-    // socket refuses `document_ids` with a validation error — checked below.)
     for (extra, field) in [
         (json!({ "web_search": true }), "web_search"),
         (json!({ "colour": "red" }), "colour"),
@@ -581,6 +581,7 @@ async fn send_over_the_socket_validates_like_post_messages() {
             "{frame}: the error should name `{field}`: {reply}"
         );
     }
+    // An id that names no document is a 404 over HTTP and NOT_FOUND over the socket.
     let body = json!({ "content": "hello", "model": "mock-echo", "document_ids": ["d1"] });
     let response = app.post_message(session.token(), &thread, &body).await;
     assert_eq!(response.status(), 404, "no such document over HTTP");
@@ -589,12 +590,11 @@ async fn send_over_the_socket_validates_like_post_messages() {
     frame["thread_id"] = json!(thread);
     ws.send(frame).await;
     let reply = ws.next().await;
-    assert_eq!(reply["code"], "VALIDATION_ERROR", "{reply}");
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert_eq!(reply["code"], "NOT_FOUND", "{reply}");
+    assert_eq!(reply["request"], "send", "{reply}");
     assert!(
-        reply["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("document_ids"),
+        reply["message"].as_str().unwrap_or("").contains("document"),
         "{reply}"
     );
     ws.send(json!({ "type": "ping" })).await;
@@ -605,6 +605,101 @@ async fn send_over_the_socket_validates_like_post_messages() {
     );
     assert!(
         app.thread_messages(session.token(), &thread)
+            .await
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn send_with_document_ids_over_the_socket_retrieves_and_cites() {
+    let app = TestApp::builder()
+        .models_toml(RAG_MODELS)
+        .env("CHORUS__EMBEDDINGS__LOCAL_MODEL_DIR", &minilm_dir())
+        .spawn()
+        .await;
+    let owner = app.register_user().await;
+    let token = owner.token();
+    let passages = jsonl("passages.jsonl");
+    let id = upload(
+        &app,
+        token,
+        "corpus.md",
+        corpus_markdown(&passages).as_bytes(),
+    )
+    .await;
+    ready(&app, token, &id).await;
+    let thread = id_of(&app.create_thread(token, &json!({ "title": "rag" })).await);
+
+    // Too big for mock-small's window whole: retrieved, announced, cited — as over HTTP.
+    let mut ws = Ws::connect(&app, token).await;
+    ws.send(json!({
+        "type": "send",
+        "thread_id": thread,
+        "content": "How often should I feed my sourdough starter?",
+        "model": "mock-small",
+        "document_ids": [id],
+    }))
+    .await;
+    let frames = ws.until_type("done").await;
+    let status = frames
+        .iter()
+        .find(|f| f["type"] == "status" && f["stage"] == "retrieval")
+        .unwrap_or_else(|| panic!("a retrieval status frame: {frames:#?}"));
+    assert_eq!(status["mode"], "retrieval", "{status}");
+    let complete = frames
+        .iter()
+        .find(|f| f["type"] == "message_complete")
+        .unwrap_or_else(|| panic!("message_complete: {frames:#?}"));
+    assert_eq!(complete["status"], "complete", "{complete}");
+    let messages = app.thread_messages(token, &thread).await;
+    let answer = messages
+        .iter()
+        .find(|m| m["id"] == complete["message_id"])
+        .unwrap_or_else(|| panic!("the answer is stored: {messages:#?}"));
+    let citations = answer["citations"].as_array().unwrap();
+    assert!(!citations.is_empty() && citations.len() <= 5, "{answer}");
+    assert!(
+        citations
+            .iter()
+            .any(|c| c["position"]["heading_path"][1] == "p02"),
+        "the feeding passage is cited: {answer}"
+    );
+    for c in citations {
+        assert_eq!(c["document_id"], id.as_str());
+        assert_eq!(c["document_name"], "corpus.md");
+    }
+    let usage = app.get_ok("/api/v1/me/usage", token).await;
+    assert_eq!(usage["used"]["rag_queries"], 1, "{usage}");
+
+    // Another user's socket cannot attach it: NOT_FOUND naming the document, no turn.
+    let other = app.register_user().await;
+    let their_thread = id_of(&app.create_thread(other.token(), &json!({})).await);
+    let mut theirs = Ws::connect(&app, other.token()).await;
+    theirs
+        .send(json!({
+            "type": "send",
+            "thread_id": their_thread,
+            "content": "hi",
+            "model": "mock-small",
+            "document_ids": [id],
+        }))
+        .await;
+    let reply = theirs.next().await;
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert_eq!(reply["code"], "NOT_FOUND", "{reply}");
+    assert_eq!(reply["request"], "send", "{reply}");
+    assert!(
+        reply["message"].as_str().unwrap_or("").contains("document"),
+        "{reply}"
+    );
+    theirs.send(json!({ "type": "ping" })).await;
+    let last = theirs.until_type("pong").await;
+    assert!(
+        !last.iter().any(|f| f["type"] == "message_start"),
+        "no turn started: {last:#?}"
+    );
+    assert!(
+        app.thread_messages(other.token(), &their_thread)
             .await
             .is_empty()
     );

@@ -194,6 +194,30 @@ impl BlobStore {
             .map_err(|source| backend("read", key, source))
     }
 
+    /// The blob's size in bytes.
+    pub async fn size(&self, key: &str) -> Result<u64, BlobError> {
+        match self.inner.head(&Path::from(key)).await {
+            Ok(meta) => Ok(meta.size),
+            Err(object_store::Error::NotFound { .. }) => Err(BlobError::NotFound(key.to_owned())),
+            Err(source) => Err(backend("head", key, source)),
+        }
+    }
+
+    /// Bytes `range` of the blob (one ranged read), so large blobs can be read in pieces.
+    pub async fn get_range(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes, BlobError> {
+        self.inner
+            .get_range(&Path::from(key), range)
+            .await
+            .map_err(|source| match source {
+                object_store::Error::NotFound { .. } => BlobError::NotFound(key.to_owned()),
+                source => backend("get range", key, source),
+            })
+    }
+
     /// Removes the blob; a blob already gone is not an error.
     pub async fn delete(&self, key: &str) -> Result<(), BlobError> {
         let path = Path::from(key);

@@ -67,10 +67,21 @@ pub fn full_text(extracted: &Extracted) -> String {
 }
 
 pub fn chunk(extracted: &Extracted, params: &ChunkParams) -> Vec<ChunkDraft> {
+    chunk_from(extracted, params, &mut Vec::new(), 0)
+}
+
+/// Chunks `extracted` as the continuation of a text: `path` is the heading path in force where
+/// it starts (left as it is where it ends), `chars_before` the characters before it.
+fn chunk_from(
+    extracted: &Extracted,
+    params: &ChunkParams,
+    path: &mut Vec<String>,
+    chars_before: u64,
+) -> Vec<ChunkDraft> {
     let target = params.target_tokens.max(1);
     let overlap = params.overlap_tokens.min(target / 2);
     let text = full_text(extracted);
-    let sections = merge_heading_only(sections(extracted));
+    let sections = merge_heading_only(sections(extracted, path));
     let mut chars = CharIndex::new(&text);
     let mut drafts = Vec::new();
     for section in sections {
@@ -82,14 +93,131 @@ pub fn chunk(extracted: &Extracted, params: &ChunkParams) -> Vec<ChunkDraft> {
                 position: ChunkPosition {
                     page: section.page,
                     heading_path: section.heading_path.clone(),
-                    char_start: chars.at(start),
-                    char_end: chars.at(end),
+                    char_start: chars_before + chars.at(start),
+                    char_end: chars_before + chars.at(end),
                 },
                 token_count: count_tokens(slice),
             });
         }
     }
     drafts
+}
+
+/// Chunks a text that arrives in pieces (a streamed document) while holding about `window`
+/// bytes of it.
+///
+/// Text is cut into windows of at most `window` bytes, each chunked as [`chunk`] does, from the
+/// heading path in force where the window starts and with positions counted from the start of
+/// the whole text. The cut is made, in the window's second half, at the latest section start (a
+/// heading after something other than a heading) if there is one, else at the latest paragraph
+/// break, else at a line break or a space, never inside a code fence when avoidable. Chunks
+/// never cross sections, so a cut at a section start yields exactly the chunks of the whole
+/// text; a cut at a paragraph break ends a chunk there without overlap into the next window
+/// (at most once per window).
+#[derive(Debug)]
+pub struct StreamChunker {
+    params: ChunkParams,
+    headings: bool,
+    window: usize,
+    buffer: String,
+    path: Vec<String>,
+    chars_before: u64,
+}
+
+impl StreamChunker {
+    pub fn new(params: ChunkParams, headings: bool, window: usize) -> StreamChunker {
+        StreamChunker {
+            params,
+            headings,
+            window: window.max(64),
+            buffer: String::new(),
+            path: Vec::new(),
+            chars_before: 0,
+        }
+    }
+
+    /// Appends the next piece of text; the chunks of every window it completes.
+    pub fn push(&mut self, text: &str) -> Vec<ChunkDraft> {
+        self.buffer.push_str(text);
+        let mut drafts = Vec::new();
+        while self.buffer.len() > self.window {
+            let cut = cut_point(&self.buffer, self.window, self.headings);
+            drafts.extend(self.chunk_prefix(cut));
+        }
+        drafts
+    }
+
+    /// The chunks of what is left.
+    pub fn finish(mut self) -> Vec<ChunkDraft> {
+        let all = self.buffer.len();
+        self.chunk_prefix(all)
+    }
+
+    fn chunk_prefix(&mut self, cut: usize) -> Vec<ChunkDraft> {
+        let rest = self.buffer.split_off(cut);
+        let window = std::mem::replace(&mut self.buffer, rest);
+        let chars = window.chars().count() as u64;
+        let extracted = Extracted {
+            pages: vec![super::extract::ExtractedPage {
+                number: None,
+                text: window,
+            }],
+            headings: self.headings,
+        };
+        let drafts = chunk_from(&extracted, &self.params, &mut self.path, self.chars_before);
+        self.chars_before += chars;
+        drafts
+    }
+}
+
+/// Where to end the next window of `text` (longer than `window`): a byte offset in
+/// `window / 2 ..= window` on a char boundary (see [`StreamChunker`]).
+fn cut_point(text: &str, window: usize, headings: bool) -> usize {
+    let floor = window / 2;
+    let (mut section, mut paragraph, mut line) = (None, None, None);
+    let mut in_fence = false;
+    let mut previous_blank = false;
+    let mut previous_heading = false;
+    let mut line_start = 0;
+    while line_start <= window && line_start < text.len() {
+        let line_end = text[line_start..]
+            .find('\n')
+            .map_or(text.len(), |n| line_start + n);
+        let current = &text[line_start..line_end];
+        let trimmed = current.trim();
+        let fence = trimmed.starts_with("```") || trimmed.starts_with("~~~");
+        let heading = headings && !in_fence && !fence && parse_heading(current).is_some();
+        if line_start >= floor && line_start > 0 && !in_fence {
+            if heading && !previous_heading {
+                section = Some(line_start);
+            }
+            if previous_blank && !trimmed.is_empty() && !previous_heading {
+                paragraph = Some(line_start);
+            }
+            line = Some(line_start);
+        }
+        if fence {
+            in_fence = !in_fence;
+        }
+        previous_blank = trimmed.is_empty();
+        if !trimmed.is_empty() {
+            previous_heading = heading;
+        }
+        line_start = line_end + 1;
+    }
+    if let Some(cut) = section.or(paragraph).or(line) {
+        return cut;
+    }
+    // One long line: after the last space in the second half, else anywhere on a char boundary.
+    let mut end = window.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    match text[..end].rfind(char::is_whitespace) {
+        Some(space) if space >= floor => space + 1,
+        _ if end > 0 => end,
+        _ => text.chars().next().map_or(text.len(), char::len_utf8),
+    }
 }
 
 /// A heading or a paragraph: a byte range of the full text.
@@ -107,10 +235,10 @@ struct Section {
     blocks: Vec<Block>,
 }
 
-/// Splits every page into sections of blocks.
-fn sections(extracted: &Extracted) -> Vec<Section> {
+/// Splits every page into sections of blocks; `path` is the heading path in force at the start
+/// and, after, at the end.
+fn sections(extracted: &Extracted, path: &mut Vec<String>) -> Vec<Section> {
     let mut sections: Vec<Section> = Vec::new();
-    let mut path: Vec<String> = Vec::new();
     let mut offset = 0;
     for (i, page) in extracted.pages.iter().enumerate() {
         if i > 0 {
@@ -736,5 +864,100 @@ mod tests {
     fn empty_text_has_no_chunks() {
         assert!(chunk(&doc("", true), &ChunkParams::default()).is_empty());
         assert!(chunk(&doc("\n\n  \n", false), &ChunkParams::default()).is_empty());
+    }
+
+    /// Markdown sections of a few paragraphs, some with code fences, headings at two levels.
+    fn long_markdown(sections: usize) -> String {
+        let mut text = String::from("# Book\n\n");
+        for i in 0..sections {
+            text.push_str(&format!("## Part {i}\n\n"));
+            for j in 0..(i % 4 + 1) {
+                text.push_str(&format!(
+                    "Paragraph {j} of part {i} says something. It has two sentences — ünïcödé.\n\n"
+                ));
+            }
+            if i % 5 == 0 {
+                text.push_str("```\n# not a heading\n\ncode\n```\n\n");
+            }
+        }
+        text
+    }
+
+    fn stream(
+        text: &str,
+        headings: bool,
+        params: ChunkParams,
+        window: usize,
+        piece: usize,
+    ) -> Vec<ChunkDraft> {
+        let mut chunker = StreamChunker::new(params, headings, window);
+        let mut drafts = Vec::new();
+        let mut rest = text;
+        while !rest.is_empty() {
+            let mut at = piece.min(rest.len());
+            while !rest.is_char_boundary(at) {
+                at += 1;
+            }
+            drafts.extend(chunker.push(&rest[..at]));
+            rest = &rest[at..];
+        }
+        drafts.extend(chunker.finish());
+        drafts
+    }
+
+    #[test]
+    fn streamed_windows_cut_at_sections_give_the_whole_documents_chunks() {
+        let text = long_markdown(60);
+        let whole = chunk(&doc(&text, true), &params(40, 10));
+        // Windows much larger than a section: every cut falls on a section start.
+        for (window, piece) in [(600, 100), (1000, 7), (4096, 4096)] {
+            let streamed = stream(&text, true, params(40, 10), window, piece);
+            assert_eq!(streamed, whole, "window {window}, piece {piece}");
+        }
+    }
+
+    #[test]
+    fn streamed_windows_keep_positions_and_paths_whatever_the_cut() {
+        // Plain text without headings and one section longer than the window: cuts fall on
+        // paragraph breaks, lines or spaces. Each chunk is still the slice its range names,
+        // within the window's bound, and heading paths carry over the cuts.
+        let mut text = String::from("# Only\n\n");
+        for i in 0..200 {
+            text.push_str(&format!("Line {i} of ünïcödé text, with words.\n"));
+            if i % 7 == 0 {
+                text.push('\n');
+            }
+        }
+        text.push_str(&"averyveryveryverylongwordwithoutspaces".repeat(20));
+        for headings in [true, false] {
+            let drafts = stream(&text, headings, params(30, 8), 256, 50);
+            assert_slices(&doc(&text, headings), &drafts);
+            assert!(drafts.iter().all(|d| d.text.len() <= 256), "window bound");
+            let covered: String = drafts.iter().map(|d| d.text.as_str()).collect();
+            assert!(covered.contains("Line 199"));
+            if headings {
+                assert!(
+                    drafts
+                        .iter()
+                        .skip(1)
+                        .all(|d| d.position.heading_path == ["Only"])
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn cut_points_prefer_sections_then_paragraphs_and_avoid_fences() {
+        let text = "intro line is long\n\n# A\n\ntext a\n\npara b\n```\n\n# in fence\n\n```\nend";
+        let (a, para_b) = (text.find("# A").unwrap(), text.find("para b").unwrap());
+        let window = para_b + 2;
+        assert!(a >= window / 2);
+        // A section start in the second half wins over a later paragraph break.
+        assert_eq!(cut_point(text, window, true), a);
+        // Without headings, the latest paragraph break.
+        assert_eq!(cut_point(text, window, false), para_b);
+        // Inside the fence nothing is a candidate: the cut comes before it.
+        let fenced = text.find("# in fence").unwrap();
+        assert!(cut_point(text, fenced + 2, true) < text.find("```").unwrap() + 1);
     }
 }

@@ -17,6 +17,12 @@
 //! with 415, so this only catches a blob changed behind our back): a lossy decode would index
 //! replacement characters silently.
 //!
+//! **Streamed formats.** Plain text, Markdown, CSV and JSON arrays are also read as a stream
+//! ([`stream_text`]): bytes in pieces from a [`Read`], text out in pieces, so ingestion holds a
+//! bounded amount of either whatever the file's size; their pieces joined are exactly what
+//! [`extract_sync`] gives for the whole file. HTML, PDF, DOCX and images need the whole file (a
+//! DOM, a cross-reference table, a ZIP directory) and are read whole, under a size cap.
+//!
 //! **Hostile input.** Parsers run on their own thread with a large stack, inside
 //! `catch_unwind`, under a deadline ([`run_isolated`]): a panic or a timeout fails the document
 //! with a reason and the node keeps serving. (A parser stuck in a loop keeps its thread until it
@@ -84,6 +90,10 @@ pub enum ExtractError {
     TimedOut(Duration),
     #[error("OCR failed: {0}")]
     Ocr(String),
+    /// Whoever took the streamed text stopped listening (the document was deleted, or
+    /// ingestion failed elsewhere).
+    #[error("ingestion stopped")]
+    Stopped,
 }
 
 /// Limits and tools of extraction (`[documents]` in chorus.toml).
@@ -138,7 +148,7 @@ pub async fn extract(
     Ok(extracted)
 }
 
-fn parser_name(kind: DocumentKind) -> &'static str {
+pub fn parser_name(kind: DocumentKind) -> &'static str {
     match kind {
         DocumentKind::Pdf => "PDF",
         DocumentKind::Docx => "DOCX",
@@ -196,21 +206,207 @@ fn html(bytes: &[u8]) -> Result<Extracted, ExtractError> {
     Ok(Extracted::single(lines.join("\n"), true))
 }
 
+/// Collects streamed text whole, failing once it exceeds `limit` bytes.
+fn collect(
+    limit: usize,
+    stream: impl FnOnce(&mut dyn FnMut(String) -> Result<(), ExtractError>) -> Result<(), ExtractError>,
+) -> Result<String, ExtractError> {
+    let mut out = String::new();
+    stream(&mut |piece: String| {
+        out.push_str(&piece);
+        if out.len() > limit {
+            return Err(ExtractError::TooLarge { limit });
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
 fn csv_text(bytes: &[u8], limit: usize) -> Result<Extracted, ExtractError> {
+    let text = collect(limit, |emit| stream_csv(bytes, 0, emit))?;
+    Ok(Extracted::single(text, false))
+}
+
+fn json_text(bytes: &[u8], limit: usize) -> Result<Extracted, ExtractError> {
+    let text = collect(limit, |emit| stream_json(bytes, true, 0, emit))?;
+    Ok(Extracted::single(text, false))
+}
+
+/// Formats [`stream_text`] reads as a stream.
+pub fn is_streamed(kind: DocumentKind) -> bool {
+    matches!(
+        kind,
+        DocumentKind::Text | DocumentKind::Markdown | DocumentKind::Csv | DocumentKind::Json
+    )
+}
+
+/// Text handed out per piece by [`stream_text`], about.
+pub const TEXT_PIECE_BYTES: usize = 256 * 1024;
+
+/// Reads a streamed format ([`is_streamed`]) from `input` and hands its text to `emit` in pieces
+/// of about [`TEXT_PIECE_BYTES`], in order: the pieces joined are what [`extract_sync`] returns
+/// for the same bytes (`max_text_bytes` is the caller's to count: memory stays bounded either
+/// way). Holds at
+/// most about `read_bytes` of input and one piece of output, except that a JSON document whose
+/// top level is an object is read whole (its keys are sorted) — allowed only when
+/// `whole_objects`. An error from `emit` ends the stream and is returned.
+pub fn stream_text(
+    kind: DocumentKind,
+    input: impl Read,
+    read_bytes: usize,
+    whole_objects: bool,
+    emit: &mut dyn FnMut(String) -> Result<(), ExtractError>,
+) -> Result<(), ExtractError> {
+    match kind {
+        DocumentKind::Text | DocumentKind::Markdown => stream_utf8(input, read_bytes, emit),
+        DocumentKind::Csv => stream_csv(input, TEXT_PIECE_BYTES, emit),
+        DocumentKind::Json => stream_json(input, whole_objects, TEXT_PIECE_BYTES, emit),
+        other => Err(ExtractError::Unreadable(format!(
+            "{} files cannot be read as a stream",
+            parser_name(other)
+        ))),
+    }
+}
+
+/// Fills `buf` unless the input ends first; the bytes read.
+fn read_full(input: &mut impl Read, buf: &mut [u8]) -> Result<usize, ExtractError> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match input.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ExtractError::Unreadable(format!("reading the file: {e}"))),
+        }
+    }
+    Ok(filled)
+}
+
+fn not_utf8(at: u64) -> ExtractError {
+    ExtractError::Unreadable(format!(
+        "the text is not valid UTF-8 (byte {at}); save it as UTF-8 and upload it again"
+    ))
+}
+
+/// UTF-8 decoded piece by piece: a BOM dropped, CRLF and CR made LF, a character or a CRLF cut
+/// between two reads put back together.
+fn stream_utf8(
+    mut input: impl Read,
+    read_bytes: usize,
+    emit: &mut dyn FnMut(String) -> Result<(), ExtractError>,
+) -> Result<(), ExtractError> {
+    let mut buf = vec![0u8; read_bytes.max(16)];
+    // Bytes of the previous read not decoded yet: a cut character, a CR that may start a CRLF.
+    let mut carry: Vec<u8> = Vec::new();
+    // Input bytes (after the BOM) decoded so far, for error offsets.
+    let mut decoded: u64 = 0;
+    let mut first = true;
+    loop {
+        let n = read_full(&mut input, &mut buf)?;
+        let end = n < buf.len();
+        let mut bytes = std::mem::take(&mut carry);
+        bytes.extend_from_slice(&buf[..n]);
+        if first {
+            if bytes.len() < 3 && !end {
+                carry = bytes;
+                continue;
+            }
+            first = false;
+            if bytes.starts_with(b"\xEF\xBB\xBF") {
+                bytes.drain(..3);
+            }
+        }
+        let mut valid = match std::str::from_utf8(&bytes) {
+            Ok(text) => text.len(),
+            Err(e) if e.error_len().is_none() && !end => e.valid_up_to(),
+            Err(e) => return Err(not_utf8(decoded + e.valid_up_to() as u64)),
+        };
+        if !end && bytes[..valid].ends_with(b"\r") {
+            valid -= 1;
+        }
+        carry = bytes.split_off(valid);
+        decoded += valid as u64;
+        let text = String::from_utf8(bytes)
+            .map_err(|e| not_utf8(decoded + e.utf8_error().valid_up_to() as u64))?;
+        let text = if text.contains('\r') {
+            text.replace("\r\n", "\n").replace('\r', "\n")
+        } else {
+            text
+        };
+        if !text.is_empty() {
+            emit(text)?;
+        }
+        if end {
+            return Ok(());
+        }
+    }
+}
+
+/// Paragraphs handed out joined by blank lines, in pieces of at least `flush_at` bytes.
+struct Paragraphs<'a> {
+    emit: &'a mut dyn FnMut(String) -> Result<(), ExtractError>,
+    pending: String,
+    any: bool,
+    flush_at: usize,
+}
+
+impl<'a> Paragraphs<'a> {
+    fn new(flush_at: usize, emit: &'a mut dyn FnMut(String) -> Result<(), ExtractError>) -> Self {
+        Paragraphs {
+            emit,
+            pending: String::new(),
+            any: false,
+            flush_at,
+        }
+    }
+
+    fn push(&mut self, paragraph: &str) -> Result<(), ExtractError> {
+        if self.any {
+            self.pending.push_str("\n\n");
+        }
+        self.pending.push_str(paragraph);
+        self.any = true;
+        if self.pending.len() >= self.flush_at {
+            (self.emit)(std::mem::take(&mut self.pending))?;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<(), ExtractError> {
+        if !self.pending.is_empty() {
+            (self.emit)(std::mem::take(&mut self.pending))?;
+        }
+        Ok(())
+    }
+}
+
+/// One paragraph per record, `header: value; …`.
+fn stream_csv(
+    input: impl Read,
+    flush_at: usize,
+    emit: &mut dyn FnMut(String) -> Result<(), ExtractError>,
+) -> Result<(), ExtractError> {
     let mut reader = csv::ReaderBuilder::new()
         .flexible(true)
         .has_headers(true)
-        .from_reader(bytes);
+        .from_reader(input);
     let headers: Vec<String> = reader
         .headers()
         .map_err(|e| ExtractError::Unreadable(format!("unreadable CSV header: {e}")))?
         .iter()
         .map(|h| h.trim().to_owned())
         .collect();
-    let mut out = String::new();
-    for (i, record) in reader.records().enumerate() {
-        let record = record
-            .map_err(|e| ExtractError::Unreadable(format!("unreadable CSV row {}: {e}", i + 2)))?;
+    let mut out = Paragraphs::new(flush_at, emit);
+    let mut record = csv::StringRecord::new();
+    let mut row = 1;
+    loop {
+        row += 1;
+        let more = reader
+            .read_record(&mut record)
+            .map_err(|e| ExtractError::Unreadable(format!("unreadable CSV row {row}: {e}")))?;
+        if !more {
+            break;
+        }
         let fields: Vec<String> = record
             .iter()
             .enumerate()
@@ -220,58 +416,123 @@ fn csv_text(bytes: &[u8], limit: usize) -> Result<Extracted, ExtractError> {
                 None => v.trim().to_owned(),
             })
             .collect();
-        if fields.is_empty() {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str("\n\n");
-        }
-        out.push_str(&fields.join("; "));
-        if out.len() > limit {
-            return Err(ExtractError::TooLarge { limit });
+        if !fields.is_empty() {
+            out.push(&fields.join("; "))?;
         }
     }
-    Ok(Extracted::single(out, false))
+    out.finish()
 }
 
-fn json_text(bytes: &[u8], limit: usize) -> Result<Extracted, ExtractError> {
-    let value: serde_json::Value = serde_json::from_slice(bytes)
-        .map_err(|e| ExtractError::Unreadable(format!("unreadable JSON: {e}")))?;
-    let mut paragraphs = Vec::new();
-    let mut size = 0;
-    let mut push = |lines: Vec<String>| -> Result<(), ExtractError> {
-        if !lines.is_empty() {
-            let paragraph = lines.join("\n");
-            size += paragraph.len() + 2;
-            if size > limit {
-                return Err(ExtractError::TooLarge { limit });
-            }
-            paragraphs.push(paragraph);
+/// One paragraph per top-level entry, `path.to[0].key: value` lines. A top-level array is read
+/// an element at a time; a top-level object whole (when `whole_objects`), its keys sorted.
+fn stream_json(
+    input: impl Read,
+    whole_objects: bool,
+    flush_at: usize,
+    emit: &mut dyn FnMut(String) -> Result<(), ExtractError>,
+) -> Result<(), ExtractError> {
+    let mut out = Paragraphs::new(flush_at, emit);
+    let mut failure = None;
+    let mut de = serde_json::Deserializer::from_reader(std::io::BufReader::new(input));
+    let top = JsonTop {
+        out: &mut out,
+        whole_objects,
+        failure: &mut failure,
+    };
+    let parsed = serde::de::DeserializeSeed::deserialize(top, &mut de).and_then(|()| de.end());
+    if let Some(failure) = failure {
+        return Err(failure);
+    }
+    parsed.map_err(|e| ExtractError::Unreadable(format!("unreadable JSON: {e}")))?;
+    out.finish()
+}
+
+/// The top level of a streamed JSON document.
+struct JsonTop<'a, 'b> {
+    out: &'a mut Paragraphs<'b>,
+    whole_objects: bool,
+    /// Why `emit` stopped the parse (a serde error cannot carry it).
+    failure: &'a mut Option<ExtractError>,
+}
+
+impl JsonTop<'_, '_> {
+    fn entry<E: serde::de::Error>(
+        &mut self,
+        path: &str,
+        value: &serde_json::Value,
+    ) -> Result<(), E> {
+        let mut lines = Vec::new();
+        flatten(path, value, &mut lines);
+        if lines.is_empty() {
+            return Ok(());
+        }
+        self.out.push(&lines.join("\n")).map_err(|e| {
+            *self.failure = Some(e);
+            E::custom("stopped")
+        })
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for JsonTop<'_, '_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
+        de.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for JsonTop<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
+        let mut i = 0usize;
+        while let Some(item) = seq.next_element::<serde_json::Value>()? {
+            self.entry(&format!("[{i}]"), &item)?;
+            i += 1;
         }
         Ok(())
-    };
-    match &value {
-        serde_json::Value::Array(items) => {
-            for (i, item) in items.iter().enumerate() {
-                let mut lines = Vec::new();
-                flatten(&format!("[{i}]"), item, &mut lines);
-                push(lines)?;
-            }
-        }
-        serde_json::Value::Object(map) => {
-            for (key, item) in map {
-                let mut lines = Vec::new();
-                flatten(key, item, &mut lines);
-                push(lines)?;
-            }
-        }
-        scalar => {
-            let mut lines = Vec::new();
-            flatten("", scalar, &mut lines);
-            push(lines)?;
-        }
     }
-    Ok(Extracted::single(paragraphs.join("\n\n"), false))
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
+        if !self.whole_objects {
+            *self.failure = Some(ExtractError::Unreadable(
+                "a JSON object is read whole, and this one is larger than documents of its kind \
+                 may be; upload its records as a JSON array, which is read piece by piece"
+                    .into(),
+            ));
+            return Err(serde::de::Error::custom("too large"));
+        }
+        let mut entries = std::collections::BTreeMap::new();
+        while let Some((key, value)) = map.next_entry::<String, serde_json::Value>()? {
+            entries.insert(key, value);
+        }
+        for (key, value) in &entries {
+            self.entry(key, value)?;
+        }
+        Ok(())
+    }
+
+    fn visit_bool<E: serde::de::Error>(mut self, v: bool) -> Result<(), E> {
+        self.entry("", &serde_json::Value::Bool(v))
+    }
+    fn visit_i64<E: serde::de::Error>(mut self, v: i64) -> Result<(), E> {
+        self.entry("", &serde_json::Value::from(v))
+    }
+    fn visit_u64<E: serde::de::Error>(mut self, v: u64) -> Result<(), E> {
+        self.entry("", &serde_json::Value::from(v))
+    }
+    fn visit_f64<E: serde::de::Error>(mut self, v: f64) -> Result<(), E> {
+        self.entry("", &serde_json::Value::from(v))
+    }
+    fn visit_str<E: serde::de::Error>(mut self, v: &str) -> Result<(), E> {
+        self.entry("", &serde_json::Value::from(v))
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
 }
 
 /// `path: value` lines for every leaf under `value`.
@@ -512,15 +773,17 @@ where
             "the parser thread ended".into(),
         )),
         Ok(Ok(Ok(value))) => Ok(value),
-        Ok(Ok(Err(panic))) => {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(ExtractError::Panicked(parser, message))
-        }
+        Ok(Ok(Err(panic))) => Err(ExtractError::Panicked(parser, panic_message(&*panic))),
     }
+}
+
+/// What a caught panic said.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 // ---- OCR ----
@@ -816,5 +1079,113 @@ mod tests {
         assert_eq!(find_program("definitely-not-a-program-xyz"), None);
         assert_eq!(find_program("/nonexistent/tesseract"), None);
         assert_eq!(find_program(""), None);
+    }
+
+    /// Hands out a few bytes per read, so characters and CRLFs are cut between reads.
+    struct Trickle<'a> {
+        bytes: &'a [u8],
+        step: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.step = self.step % 7 + 1;
+            let n = self.step.min(buf.len()).min(self.bytes.len());
+            buf[..n].copy_from_slice(&self.bytes[..n]);
+            self.bytes = &self.bytes[n..];
+            Ok(n)
+        }
+    }
+
+    fn streamed(
+        kind: DocumentKind,
+        bytes: &[u8],
+        whole_objects: bool,
+    ) -> Result<(String, usize), ExtractError> {
+        let mut out = String::new();
+        let mut pieces = 0;
+        stream_text(
+            kind,
+            Trickle { bytes, step: 0 },
+            16,
+            whole_objects,
+            &mut |piece| {
+                out.push_str(&piece);
+                pieces += 1;
+                Ok(())
+            },
+        )?;
+        Ok((out, pieces))
+    }
+
+    #[test]
+    fn streamed_text_is_the_whole_text() {
+        let mut csv = String::from("name,note\n");
+        let mut json = String::from("[");
+        for i in 0..3000 {
+            csv.push_str(&format!("n{i},\"é, {i}\"\n"));
+            json.push_str(&format!(
+                "{}{{\"id\":{i},\"tags\":[\"ü\",null]}}",
+                if i > 0 { "," } else { "" }
+            ));
+        }
+        json.push(']');
+        let text = "\u{FEFF}ab\r\ncd\ré€𝄞 x\r\n\r\nend".repeat(50);
+        let cases: [(DocumentKind, &[u8]); 6] = [
+            (DocumentKind::Text, text.as_bytes()),
+            (DocumentKind::Markdown, b"# T\r\n\r\nbody"),
+            (DocumentKind::Csv, csv.as_bytes()),
+            (DocumentKind::Json, json.as_bytes()),
+            (DocumentKind::Json, br#"{"b": [1, 2], "a": {"x": "y"}}"#),
+            (DocumentKind::Json, b" 42 "),
+        ];
+        for (kind, bytes) in cases {
+            let (text, pieces) = streamed(kind, bytes, true).unwrap();
+            assert_eq!(
+                text,
+                one(extract_sync(kind, bytes, usize::MAX).unwrap()),
+                "{kind:?}"
+            );
+            if bytes.len() > 100_000 {
+                assert!(pieces > 1, "{kind:?} in pieces");
+            }
+        }
+        // A BOM is dropped only at the start.
+        let (text, _) = streamed(DocumentKind::Text, "\u{FEFF}a\u{FEFF}".as_bytes(), true).unwrap();
+        assert_eq!(text, "a\u{FEFF}");
+    }
+
+    #[test]
+    fn streamed_failures_say_why() {
+        let mut bytes = "ok ".repeat(40).into_bytes();
+        bytes.extend_from_slice(b"\xFF rest");
+        let err = streamed(DocumentKind::Text, &bytes, true).unwrap_err();
+        assert_eq!(
+            err,
+            extract_sync(DocumentKind::Text, &bytes, usize::MAX).unwrap_err()
+        );
+        assert!(err.to_string().contains("byte 120"), "{err}");
+        // A character cut off at the very end is invalid too.
+        let err = streamed(DocumentKind::Text, b"abc\xE2\x82", true).unwrap_err();
+        assert!(err.to_string().contains("byte 3"), "{err}");
+        let err = streamed(DocumentKind::Json, b"[1, 2", true).unwrap_err();
+        assert!(err.to_string().starts_with("unreadable JSON"), "{err}");
+        let err = streamed(DocumentKind::Json, b"[1] [2]", true).unwrap_err();
+        assert!(err.to_string().starts_with("unreadable JSON"), "{err}");
+        // An object too large to be read whole, and what stops the consumer, stop the parse.
+        let err = streamed(DocumentKind::Json, br#"{"a": 1}"#, false).unwrap_err();
+        assert!(err.to_string().contains("JSON array"), "{err}");
+        let mut calls = 0;
+        let err = stream_text(DocumentKind::Json, &b"[1, 2, 3]"[..], 16, true, &mut |_| {
+            calls += 1;
+            Err(ExtractError::Stopped)
+        })
+        .unwrap_err();
+        assert_eq!((err, calls), (ExtractError::Stopped, 1));
+        let err = streamed(DocumentKind::Pdf, b"%PDF", true).unwrap_err();
+        assert!(
+            err.to_string().contains("cannot be read as a stream"),
+            "{err}"
+        );
     }
 }

@@ -15,7 +15,8 @@ pub mod document;
 pub mod embed;
 pub mod extract;
 pub mod search;
+pub mod stream;
 pub mod supervisor;
 
 pub use document::ChunkEmbedder;
-pub use supervisor::{Documents, Indexer, IndexerConfig, IndexerSupervisor};
+pub use supervisor::{Documents, Indexer, IndexerConfig, IndexerSupervisor, ResumeFilter};

@@ -8,7 +8,8 @@
 //! queue and stay `pending`; each indexer that ends (done, failed, cancelled or crashed) frees a
 //! slot for the next. A crashed indexer's document is marked `failed` with the crash as reason.
 //! When it starts, the supervisor queues every document left `pending` or `processing` by a
-//! previous process, so none stays `processing` forever.
+//! previous process, so none stays `processing` forever — of every user, or only of those
+//! [`IndexerConfig::resume_users`] accepts (a cluster node: the users homed on it).
 //!
 //! The edge and the sessions reach it through the [`Indexer`] handle, which follows restarts.
 
@@ -26,6 +27,9 @@ use super::extract::ExtractConfig;
 use crate::blob::BlobStore;
 use crate::store::Store;
 
+/// Which users' unfinished documents a node resumes when it starts ("is this user homed here").
+pub type ResumeFilter = Arc<dyn Fn(Uuid) -> bool + Send + Sync>;
+
 /// Tunables of ingestion (`[documents]` in chorus.toml).
 #[derive(Clone)]
 pub struct IndexerConfig {
@@ -37,6 +41,14 @@ pub struct IndexerConfig {
     pub batch_size: usize,
     /// `None`: chunks are stored without embeddings.
     pub embedder: Option<Arc<dyn ChunkEmbedder>>,
+    /// Streamed formats (text, Markdown, CSV, JSON arrays) are read from the blob store in
+    /// pieces of this size, and chunked in windows of this much text.
+    pub piece_bytes: usize,
+    /// Largest file of a format read whole (PDF, DOCX, HTML, images, a JSON object); a larger
+    /// one fails with that reason.
+    pub max_whole_bytes: u64,
+    /// Resume at start only these users' unfinished documents; `None`: every user's.
+    pub resume_users: Option<ResumeFilter>,
 }
 
 impl Default for IndexerConfig {
@@ -47,6 +59,9 @@ impl Default for IndexerConfig {
             extract: ExtractConfig::default(),
             batch_size: 64,
             embedder: None,
+            piece_bytes: 1024 * 1024,
+            max_whole_bytes: 64 * 1024 * 1024,
+            resume_users: None,
         }
     }
 }
@@ -59,6 +74,12 @@ impl std::fmt::Debug for IndexerConfig {
             .field("extract", &self.extract)
             .field("batch_size", &self.batch_size)
             .field("embedder", &self.embedder.as_ref().map(|_| "<set>"))
+            .field("piece_bytes", &self.piece_bytes)
+            .field("max_whole_bytes", &self.max_whole_bytes)
+            .field(
+                "resume_users",
+                &self.resume_users.as_ref().map(|_| "<filter>"),
+            )
             .finish()
     }
 }
@@ -197,7 +218,10 @@ impl Actor for IndexerSupervisor {
                 // A failing store must not take the supervisor down with it: the documents stay
                 // unfinished and the next start tries again.
                 match state.store.list_unfinished_documents(RESUME_LIMIT).await {
-                    Ok(documents) => {
+                    Ok(mut documents) => {
+                        if let Some(homed_here) = &state.config.resume_users {
+                            documents.retain(|doc| homed_here(doc.user_id));
+                        }
                         if !documents.is_empty() {
                             tracing::info!(
                                 count = documents.len(),

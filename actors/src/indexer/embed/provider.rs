@@ -1,18 +1,29 @@
 //! Embeddings from a catalogue model's provider (`Provider::embed`: OpenAI-compatible
 //! `/v1/embeddings`, Gemini `batchEmbedContents`, the mock), `batch_size` texts per request.
 //!
-//! Calls go to the model's first enabled deployment, the catalogue's route for calls that need
-//! no failover. A retryable failure (429, 5xx, timeout) is tried again after the provider's
-//! `Retry-After` or a short backoff, a few times, before the error is returned.
+//! Built from the catalogue ([`ProviderEmbedder::from_catalogue`]), every batch goes through
+//! the provider pools like a chat call: [`Pools::select`] picks one of the model's deployments
+//! whose breaker lets calls through, that is not cooling down after a 429, and that has room in
+//! its rpm bucket and, for the batch's estimated tokens, its tpm bucket (in Redis when the
+//! cluster shares limits); the outcome is recorded on the lease (breaker, latency, metrics). A
+//! retryable failure (429, 5xx, timeout) moves to the next deployment at once; when every one
+//! failed, the round starts again after the policy's backoff (at least the `Retry-After`), up
+//! to `routing.max_attempts` calls within `routing.deadline`. When none is available now, a
+//! short cool-down (≤ 10 s) is waited out, a longer one is a rate-limited error saying when.
+//! A request error is returned at once.
+//!
+//! [`ProviderEmbedder::new`] calls one provider directly instead (a few tries, the same
+//! backoff rules), for callers that hold no catalogue.
 
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
 use super::{EmbedError, Embedder, normalize};
-use crate::provider::Provider;
 use crate::provider::catalogue::Catalogue;
+use crate::provider::pool::{Deployment, Pools, SelectRequest};
+use crate::provider::{Provider, ProviderError};
 
 /// Tries of one batch, the first included.
 const ATTEMPTS: u32 = 3;
@@ -21,10 +32,23 @@ const BACKOFF: Duration = Duration::from_millis(500);
 /// A provider's `Retry-After` is honoured up to this.
 const MAX_WAIT: Duration = Duration::from_secs(10);
 
+/// Where a batch goes.
+enum Route {
+    /// One provider, called directly.
+    Direct {
+        provider: Arc<dyn Provider>,
+        upstream: String,
+    },
+    /// The model's deployments, chosen and limited by the pools.
+    Pooled {
+        pools: Arc<Pools>,
+        deployments: Vec<Arc<Deployment>>,
+    },
+}
+
 pub struct ProviderEmbedder {
     id: String,
-    provider: Arc<dyn Provider>,
-    upstream: String,
+    route: Route,
     batch_size: usize,
     /// Learnt from the first answer; every later vector must have this length.
     dimensions: OnceLock<usize>,
@@ -40,8 +64,25 @@ impl ProviderEmbedder {
     ) -> ProviderEmbedder {
         ProviderEmbedder {
             id: format!("provider:{model_id}"),
-            provider,
-            upstream: upstream.to_owned(),
+            route: Route::Direct {
+                provider,
+                upstream: upstream.to_owned(),
+            },
+            batch_size: batch_size.max(1),
+            dimensions: OnceLock::new(),
+        }
+    }
+
+    /// Batches go to `deployments` (one model's), chosen and limited by `pools`.
+    pub fn pooled(
+        model_id: &str,
+        pools: Arc<Pools>,
+        deployments: Vec<Arc<Deployment>>,
+        batch_size: usize,
+    ) -> ProviderEmbedder {
+        ProviderEmbedder {
+            id: format!("provider:{model_id}"),
+            route: Route::Pooled { pools, deployments },
             batch_size: batch_size.max(1),
             dimensions: OnceLock::new(),
         }
@@ -63,18 +104,149 @@ impl ProviderEmbedder {
                 message: "the model has no `embeddings` capability".into(),
             });
         }
-        Ok(ProviderEmbedder::new(
+        Ok(ProviderEmbedder::pooled(
             model_id,
-            model.provider.clone(),
-            &model.spec.upstream,
+            catalogue.pools().clone(),
+            model.deployments.clone(),
             batch_size,
         ))
     }
 
     async fn embed_batch(&self, batch: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        match &self.route {
+            Route::Direct { provider, upstream } => {
+                self.embed_direct(&**provider, upstream, batch).await
+            }
+            Route::Pooled { pools, deployments } => {
+                Ok(self.embed_pooled(pools, deployments, batch).await?)
+            }
+        }
+    }
+
+    /// One batch through the pools (see the module doc).
+    async fn embed_pooled(
+        &self,
+        pools: &Pools,
+        deployments: &[Arc<Deployment>],
+        batch: &[String],
+    ) -> Result<Vec<Vec<f32>>, ProviderError> {
+        let policy = &pools.policy;
+        let deadline = Instant::now() + policy.deadline;
+        let estimated_tokens = estimate_tokens(batch);
+        let mut calls = 0u32;
+        let mut cooldowns_waited = 0u32;
+        let mut failed_this_round: Vec<String> = Vec::new();
+        let mut last_error: Option<ProviderError> = None;
+        loop {
+            let select = SelectRequest {
+                affinity: None,
+                exclude: &failed_this_round,
+                estimated_tokens,
+                own_key_providers: &[],
+            };
+            let Some(mut lease) = pools.select(deployments, &select).await else {
+                if let Some(error) = last_error.take() {
+                    // Every available deployment failed this round: again after a backoff
+                    // while the error may pass and there is time and tries left.
+                    let wait = policy.backoff(calls.saturating_sub(1), error.retry_after());
+                    if !error.retryable()
+                        || calls >= policy.max_attempts
+                        || Instant::now() + wait >= deadline
+                    {
+                        return Err(error);
+                    }
+                    tracing::warn!(model = %self.id, calls, %error, ?wait, "embedding batch failed on every deployment; retrying");
+                    tokio::time::sleep(wait).await;
+                    failed_this_round.clear();
+                    continue;
+                }
+                // Nothing was tried: every deployment is cooling down, out of budget or broken.
+                return match pools.next_available_in(deployments, &[]) {
+                    Some((wait, _))
+                        if wait <= MAX_WAIT
+                            && cooldowns_waited < ATTEMPTS
+                            && Instant::now() + wait < deadline =>
+                    {
+                        cooldowns_waited += 1;
+                        tokio::time::sleep(wait + Duration::from_millis(5)).await;
+                        continue;
+                    }
+                    Some((wait, rate_limited)) => {
+                        let retry_after = Some(wait.max(Duration::from_secs(1)));
+                        let message = format!(
+                            "every deployment of {} is {} for {:.1}s",
+                            self.id,
+                            if rate_limited {
+                                "rate limited"
+                            } else {
+                                "failing (breaker open)"
+                            },
+                            wait.as_secs_f64()
+                        );
+                        Err(if rate_limited {
+                            ProviderError::RateLimited {
+                                retry_after,
+                                message,
+                            }
+                        } else {
+                            ProviderError::Overloaded {
+                                retry_after,
+                                message,
+                            }
+                        })
+                    }
+                    None => Err(ProviderError::Overloaded {
+                        retry_after: None,
+                        message: format!("no deployment of {} is available", self.id),
+                    }),
+                };
+            };
+            calls += 1;
+            let deployment = lease.deployment.clone();
+            let started = Instant::now();
+            let left = deadline.saturating_duration_since(started);
+            let outcome = match tokio::time::timeout(
+                left,
+                deployment
+                    .provider
+                    .embed(&deployment.config.upstream, batch),
+            )
+            .await
+            {
+                Ok(outcome) => outcome,
+                Err(_) => Err(ProviderError::Timeout {
+                    message: format!("no embeddings within {left:?}"),
+                }),
+            };
+            match outcome {
+                Ok(vectors) => {
+                    lease.succeeded(started.elapsed());
+                    return Ok(vectors);
+                }
+                Err(error) => {
+                    lease.failed(&error);
+                    // Refused: the bucket gets its token reservation back.
+                    lease.settle_tokens(0).await;
+                    if !error.retryable() {
+                        return Err(error);
+                    }
+                    tracing::warn!(model = %self.id, deployment = %deployment.config.id, %error, "embedding batch failed; trying another deployment");
+                    failed_this_round.push(deployment.config.id.clone());
+                    last_error = Some(error);
+                }
+            }
+        }
+    }
+
+    async fn embed_direct(
+        &self,
+        provider: &dyn Provider,
+        upstream: &str,
+        batch: &[String],
+    ) -> Result<Vec<Vec<f32>>, EmbedError> {
         let mut attempt = 1;
         loop {
-            match self.provider.embed(&self.upstream, batch).await {
+            match provider.embed(upstream, batch).await {
                 Ok(vectors) => return Ok(vectors),
                 Err(err) if err.retryable() && attempt < ATTEMPTS => {
                     let wait = err
@@ -115,6 +287,12 @@ impl ProviderEmbedder {
         }
         Ok(())
     }
+}
+
+/// Tokens a batch is reserved from a deployment's tpm bucket: about four bytes a token, plus
+/// one per input.
+fn estimate_tokens(batch: &[String]) -> u64 {
+    batch.iter().map(|t| t.len() as u64 / 4 + 1).sum()
 }
 
 #[async_trait]
@@ -304,5 +482,103 @@ mod tests {
         assert_eq!(vectors[0], vectors[2]);
         assert_ne!(vectors[0], vectors[1]);
         assert_eq!(embedder.dimensions(), vectors[0].len());
+    }
+
+    fn pooled_deployment(
+        id: &str,
+        priority: u32,
+        rpm: Option<u64>,
+        provider: Arc<Scripted>,
+    ) -> Arc<Deployment> {
+        Arc::new(Deployment::new(
+            crate::provider::pool::DeploymentConfig {
+                id: id.into(),
+                provider_id: "scripted".into(),
+                upstream: "upstream-name".into(),
+                weight: 1,
+                priority,
+                rpm,
+                tpm: None,
+                first_token_timeout: None,
+                timeout: None,
+            },
+            provider,
+        ))
+    }
+
+    fn limited_pools() -> Arc<Pools> {
+        Arc::new(Pools::new(
+            Vec::new(),
+            Some(Arc::new(crate::quota::LocalBuckets::new())),
+            crate::provider::pool::RoutingPolicy::default(),
+        ))
+    }
+
+    fn scripted(errors: Vec<ProviderError>) -> Arc<Scripted> {
+        Arc::new(Scripted {
+            dims: 2,
+            errors: Mutex::new(errors),
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn pooled_batches_respect_deployment_rpm_and_fail_over() {
+        // `main` takes one request a minute; `spare` serves only when `main` cannot.
+        let main = scripted(Vec::new());
+        let spare = scripted(Vec::new());
+        let deployments = vec![
+            pooled_deployment("main", 0, Some(1), main.clone()),
+            pooled_deployment("spare", 1, None, spare.clone()),
+        ];
+        let embedder = ProviderEmbedder::pooled("m", limited_pools(), deployments, 1);
+        assert_eq!(embedder.embed(&texts(3)).await.unwrap().len(), 3);
+        assert_eq!(*main.batches.lock().unwrap(), vec![1]);
+        assert_eq!(*spare.batches.lock().unwrap(), vec![1, 1]);
+
+        // A server error on the preferred deployment moves the batch to the next one at once.
+        let failing = scripted(vec![ProviderError::Server {
+            status: 500,
+            message: "boom".into(),
+        }]);
+        let healthy = scripted(Vec::new());
+        let deployments = vec![
+            pooled_deployment("failing", 0, None, failing.clone()),
+            pooled_deployment("healthy", 1, None, healthy.clone()),
+        ];
+        let embedder = ProviderEmbedder::pooled("m", limited_pools(), deployments, 8);
+        assert_eq!(embedder.embed(&texts(2)).await.unwrap().len(), 2);
+        assert_eq!(*failing.batches.lock().unwrap(), vec![2]);
+        assert_eq!(*healthy.batches.lock().unwrap(), vec![2]);
+    }
+
+    #[tokio::test]
+    async fn pooled_batches_are_refused_when_every_deployment_is_out_of_budget() {
+        let only = scripted(Vec::new());
+        let deployments = vec![pooled_deployment("only", 0, Some(1), only.clone())];
+        let embedder = ProviderEmbedder::pooled("m", limited_pools(), deployments, 1);
+        // The second batch finds the bucket empty for most of a minute: a rate-limited error
+        // saying when, not a call beyond the deployment's limit.
+        let err = embedder.embed(&texts(2)).await.unwrap_err();
+        match err {
+            EmbedError::Provider(ProviderError::RateLimited { retry_after, .. }) => {
+                assert!(retry_after.is_some_and(|w| w > MAX_WAIT));
+            }
+            other => panic!("expected a rate-limited error, got {other}"),
+        }
+        assert_eq!(*only.batches.lock().unwrap(), vec![1]);
+
+        // A request error is not retried elsewhere.
+        let bad = scripted(vec![ProviderError::BadRequest {
+            message: "no".into(),
+        }]);
+        let other = scripted(Vec::new());
+        let deployments = vec![
+            pooled_deployment("bad", 0, None, bad.clone()),
+            pooled_deployment("other", 1, None, other.clone()),
+        ];
+        let embedder = ProviderEmbedder::pooled("m", limited_pools(), deployments, 8);
+        assert!(embedder.embed(&texts(1)).await.is_err());
+        assert!(other.batches.lock().unwrap().is_empty());
     }
 }
