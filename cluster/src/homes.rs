@@ -118,6 +118,12 @@ impl Homes {
         &self.sessions
     }
 
+    /// Finds `node`'s relay in the current view each time it is asked.
+    fn relay_of(&self, node: &str) -> relay::PeerResolver {
+        let (view, node) = (self.view.clone(), node.to_owned());
+        Arc::new(move || relay_in(view.as_ref()?, &node))
+    }
+
     fn route(&self, user: Uuid) -> Result<Route, SessionError> {
         let Some(shared) = &self.view else {
             return Ok(Route::Local);
@@ -406,7 +412,7 @@ impl Homes {
                             assistant_messages: wire.assistant_messages,
                             rate_limit: wire.rate_limit,
                             first_outcome: wire.first_outcome,
-                            events: Box::pin(pending.open(refs.relay)),
+                            events: Box::pin(pending.open(self.relay_of(&node))),
                         })
                     }
                     _ => Err(unexpected(&node)),
@@ -443,7 +449,7 @@ impl Homes {
                 match self.call(&node, &refs.router, &request).await? {
                     Reply::StreamOpened(answer) => Ok(Subscription {
                         after: answer.map_err(SessionError::from)?,
-                        events: Box::pin(pending.open(refs.relay)),
+                        events: Box::pin(pending.open(self.relay_of(&node))),
                     }),
                     _ => Err(unexpected(&node)),
                 }
@@ -464,6 +470,12 @@ async fn first_outcome(
         .await
         .ok()
         .and_then(Result::ok)
+}
+
+fn relay_in(view: &SharedView, node: &str) -> Option<ActorRef<PeerMessage>> {
+    view.read()
+        .ok()
+        .and_then(|v| v.peers.get(node).map(|p| p.relay.clone()))
 }
 
 fn unexpected(node: &str) -> SessionError {
@@ -540,21 +552,19 @@ pub(crate) struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// The relay of the edge node `node`. A node that just joined may call us before our
-    /// heartbeat reached it: wait a moment for it to become a member rather than refuse.
-    async fn peer_relay(&self, node: &str) -> Option<ActorRef<PeerMessage>> {
+    /// The relay of the edge node `node`, looked up afresh on every use. A node that just
+    /// joined may call us before our heartbeat reached it: wait a moment for it to become a
+    /// member rather than refuse.
+    async fn peer_relay(&self, node: &str) -> Option<relay::PeerResolver> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-        loop {
-            let found = self
-                .view
-                .read()
-                .ok()
-                .and_then(|v| v.peers.get(node).map(|p| p.relay.clone()));
-            if found.is_some() || tokio::time::Instant::now() >= deadline {
-                return found;
+        while relay_in(&self.view, node).is_none() {
+            if tokio::time::Instant::now() >= deadline {
+                return None;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let (view, node) = (self.view.clone(), node.to_owned());
+        Some(Arc::new(move || relay_in(&view, &node)))
     }
 
     async fn answer(self: Arc<Self>, request: Request) -> Reply {

@@ -614,11 +614,18 @@ impl MembershipState {
             last_heard: None,
         });
         members.sort_by(|a, b| a.name.cmp(&b.name));
-        let homes = members
+        // The ring only changes with the set of homes: reuse the published one otherwise (this
+        // runs every heartbeat tick).
+        let homes: Vec<NodeId> = members
             .iter()
             .filter(|m| m.state != MemberState::Leaving)
-            .map(|m| NodeId::new(m.name.clone()));
-        let ring = Arc::new(Ring::new(homes, config.vnodes));
+            .map(|m| NodeId::new(m.name.clone()))
+            .collect();
+        let current = self.args.view.read().ok().map(|v| v.ring.clone());
+        let ring = match current {
+            Some(ring) if ring.members() == homes.as_slice() => ring,
+            _ => Arc::new(Ring::new(homes, config.vnodes)),
+        };
         let peers = self
             .peers
             .iter()

@@ -25,6 +25,45 @@ use tokio::sync::{Semaphore, mpsc};
 use crate::codec::{self, Cast, StreamTarget, WireEvent};
 use crate::peer::PeerMessage;
 
+/// Finds a peer's relay now. A node pair may briefly have two sessions (both connected at once;
+/// one is then closed), so a reference taken earlier can go stale: senders look it up again
+/// rather than give up.
+pub type PeerResolver = Arc<dyn Fn() -> Option<ActorRef<PeerMessage>> + Send + Sync>;
+
+/// How long a sender keeps looking for a peer's relay before giving up on it.
+const RESOLVE_FOR: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Sends `cast` to the peer `resolve` finds, looking again while it fails (up to
+/// [`RESOLVE_FOR`]); `false` when the peer stayed unreachable.
+async fn send_resolving(resolve: &PeerResolver, cast: &Cast) -> bool {
+    let deadline = tokio::time::Instant::now() + RESOLVE_FOR;
+    loop {
+        if let Some(peer) = resolve()
+            && send(&peer, cast)
+        {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Sends from synchronous code (a stream's poll, a drop): at once when the peer is there, else
+/// in the background.
+fn send_soon(resolve: &PeerResolver, cast: Cast) {
+    if let Some(peer) = resolve()
+        && send(&peer, &cast)
+    {
+        return;
+    }
+    let resolve = resolve.clone();
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move { send_resolving(&resolve, &cast).await });
+    }
+}
+
 /// Events granted per stream before the edge must grant more.
 pub const DEFAULT_WINDOW: u32 = 512;
 /// Most events per `Events` cast.
@@ -138,12 +177,7 @@ impl Relay {
     // ---- home side ----
 
     /// Starts sending `reader`'s events to `target` through `peer` (the edge node's relay).
-    pub fn start_pump(
-        &self,
-        reader: EventReader,
-        target: StreamTarget,
-        peer: ActorRef<PeerMessage>,
-    ) {
+    pub fn start_pump(&self, reader: EventReader, target: StreamTarget, peer: PeerResolver) {
         let credits = Arc::new(Semaphore::new(target.window as usize));
         let key = (target.origin.clone(), target.id);
         let task = tokio::spawn(pump(reader, target.id, credits.clone(), peer)).abort_handle();
@@ -206,12 +240,7 @@ impl Relay {
     }
 }
 
-async fn pump(
-    mut reader: EventReader,
-    id: u64,
-    credits: Arc<Semaphore>,
-    peer: ActorRef<PeerMessage>,
-) {
+async fn pump(mut reader: EventReader, id: u64, credits: Arc<Semaphore>, peer: PeerResolver) {
     loop {
         // Wait for one credit, then take what else is granted (up to a batch).
         let Ok(first) = credits.acquire().await else {
@@ -220,7 +249,7 @@ async fn pump(
         first.forget();
         let extra = credits.available_permits().min(BATCH_MAX - 1);
         let Some(batch) = reader.next_batch(1 + extra).await else {
-            send(&peer, &Cast::End { id });
+            send_resolving(&peer, &Cast::End { id }).await;
             return;
         };
         if batch.len() > 1
@@ -237,7 +266,7 @@ async fn pump(
                 data: e.data.clone(),
             })
             .collect();
-        if !send(&peer, &Cast::Events { id, events }) {
+        if !send_resolving(&peer, &Cast::Events { id, events }).await {
             return;
         }
     }
@@ -267,7 +296,7 @@ impl PendingStream {
     }
 
     /// The stream, once the home accepted it; `home_relay` receives credits and the close.
-    pub fn open(mut self, home_relay: ActorRef<PeerMessage>) -> InboundStream {
+    pub fn open(mut self, home_relay: PeerResolver) -> InboundStream {
         let rx = self.rx.take();
         InboundStream {
             guard: StreamGuard {
@@ -294,15 +323,15 @@ impl Drop for PendingStream {
 struct StreamGuard {
     relay: Arc<Relay>,
     target: StreamTarget,
-    home_relay: ActorRef<PeerMessage>,
+    home_relay: PeerResolver,
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.relay.unregister(self.target.id);
-        send(
+        send_soon(
             &self.home_relay,
-            &Cast::Close {
+            Cast::Close {
                 origin: self.target.origin.clone(),
                 id: self.target.id,
             },
@@ -324,9 +353,9 @@ impl InboundStream {
         self.consumed += 1;
         if self.consumed >= self.guard.target.window / 2 {
             let n = std::mem::take(&mut self.consumed);
-            send(
+            send_soon(
                 &self.guard.home_relay,
-                &Cast::Credit {
+                Cast::Credit {
                     origin: self.guard.target.origin.clone(),
                     id: self.guard.target.id,
                     n,
