@@ -19,7 +19,7 @@
 # deletes its temporary files (the generated documents included).
 #
 # Needs the release binary, from the build it shares with retrieval.sh:
-#   cargo build --release --locked -p chorus -p chorus-actors --example retrieval_bench
+#   cargo build --release --locked -p chorus -p chorus-actors --bin chorus --example retrieval_bench
 # and the model for case 2 (scripts/fetch-minilm; it runs it when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +29,7 @@ EMBED_KB=${2:-512}
 BIN=${CHORUS_BIN:-target/release/chorus}
 MODEL=${CHORUS_MINILM_DIR:-$PWD/data/models/all-MiniLM-L6-v2}
 [ -x "$BIN" ] || {
-  echo "missing $BIN: cargo build --release --locked -p chorus -p chorus-actors --example retrieval_bench" >&2
+  echo "missing $BIN: cargo build --release --locked -p chorus -p chorus-actors --bin chorus --example retrieval_bench" >&2
   exit 1
 }
 [ -f "$MODEL/model.safetensors" ] || scripts/fetch-minilm >/dev/null
@@ -127,7 +127,7 @@ if doc["status"] != "ready":
     sys.exit(1)
 mb = size / 1e6
 ingest = t2 - t1
-print(f"| {name} | {mb:.1f} MB | {t1 - t0:.2f} s | {ingest:.2f} s | {mb / ingest:.2f} MB/s | "
+print(f"| {name} | {mb:.1f} MB | {t1 - t0:.2f} s | {ingest:.2f} s | {mb / ingest:.3f} MB/s | "
       f"{doc['chunks']} | {doc['chunks'] / ingest:.1f} | {peak_before:.0f} MiB | {mem('VmHWM'):.0f} MiB | "
       f"{mem('VmRSS'):.0f} MiB |", flush=True)
 PY

@@ -14,5 +14,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-minilm >/dev/null
-cargo build --release --locked --quiet -p chorus -p chorus-actors --example retrieval_bench
+cargo build --release --locked --quiet -p chorus -p chorus-actors --bin chorus --example retrieval_bench
 target/release/examples/retrieval_bench "${1:-300}" "${2:-10000,100000}"
