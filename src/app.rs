@@ -186,15 +186,10 @@ impl Drop for InFlightGuard {
     }
 }
 
-/// The name of this node: the owner recorded on the messages it streams, and its place in the
-/// ring. The `HOSTNAME` environment variable, else `local`.
-pub fn node_name(config: &Config) -> String {
-    config.node_name.clone()
-}
-
-/// Opens (and migrates) the configured store, serving this node ([`node_name`]).
+/// Opens (and migrates) the configured store, serving this node (`config.node_name`: the owner
+/// recorded on the messages it streams).
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    let node = node_name(config);
+    let node = config.node_name.clone();
     match &config.store {
         StoreConfig::Sqlite { path } => {
             let path = path.clone();

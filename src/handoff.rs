@@ -73,8 +73,10 @@ async fn reap(state: &AppState, node: &str) {
 /// Passivates the sessions of users no longer homed here.
 async fn passivate_moved(state: &AppState) {
     let sessions = &state.sessions;
+    let view = state.cluster.view();
+    let local = view.local.as_str();
     for user in sessions.live_users() {
-        if state.cluster.is_home(user) {
+        if view.ring.home(user).is_none_or(|home| home == local) {
             continue;
         }
         match sessions.passivate(user).await {

@@ -158,7 +158,7 @@ pub struct TurnStartedWire {
 pub enum Reply {
     Pong(Heartbeat),
     Session(Result<Value, WireError>),
-    TurnStarted(Result<TurnStartedWire, WireError>),
+    TurnStarted(Result<Box<TurnStartedWire>, WireError>),
     /// The stream is open; its first event follows `start`.
     StreamOpened(Result<u64, WireError>),
     /// The receiver could not decode or serve the request at all.

@@ -17,7 +17,7 @@ use chorus_actors::session::{
     ThreadPatch, TierRoleChange,
 };
 use chorus_actors::store::{ApiKey, Document, Message, ProviderKey, Summary, Thread, User};
-use futures_util::{Stream, StreamExt};
+use futures_util::Stream;
 use ractor::ActorRef;
 use uuid::Uuid;
 
@@ -55,18 +55,7 @@ pub struct Subscription {
 
 /// The events of one turn from `events`, ending right after its `done`.
 pub fn turn_events(events: EventStream, turn_id: Uuid) -> EventStream {
-    let mine = events.filter(move |e| futures_util::future::ready(e.turn_id == turn_id));
-    Box::pin(futures_util::stream::unfold(
-        (Box::pin(mine), false),
-        |(mut events, finished)| async move {
-            if finished {
-                return None;
-            }
-            let event = events.next().await?;
-            let done = event.is_done();
-            Some((event, (events, done)))
-        },
-    ))
+    Box::pin(chorus_actors::session::events::turn_only(events, turn_id))
 }
 
 enum Route {
@@ -118,6 +107,11 @@ impl Homes {
         &self.sessions
     }
 
+    /// `node`'s router in the current view.
+    fn router_of(&self, node: &str) -> Option<ActorRef<PeerMessage>> {
+        router_in(self.view.as_ref()?, node)
+    }
+
     /// Finds `node`'s relay in the current view each time it is asked.
     fn relay_of(&self, node: &str) -> relay::PeerResolver {
         let (view, node) = (self.view.clone(), node.to_owned());
@@ -165,10 +159,26 @@ impl Homes {
         };
         let bytes = codec::encode(request).map_err(|e| SessionError::Unavailable(e.to_string()))?;
         let counter = &chorus_actors::metrics::metrics().cluster_remote_calls_total;
-        match router
-            .call(|port| PeerMessage::Call(bytes, port), Some(timeout))
-            .await
-        {
+        // A send that fails never left this node, so it may be tried again: a node pair can
+        // briefly hold two sessions, and a reference taken from the closing one goes stale.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        let mut router = router.clone();
+        let answer = loop {
+            let bytes = bytes.clone();
+            match router
+                .call(|port| PeerMessage::Call(bytes, port), Some(timeout))
+                .await
+            {
+                Err(_) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if let Some(fresh) = self.router_of(node) {
+                        router = fresh;
+                    }
+                }
+                delivered => break delivered,
+            }
+        };
+        match answer {
             Ok(ractor::rpc::CallResult::Success(answer)) => {
                 counter.inc(["ok"]);
                 match codec::decode::<Reply>(&answer) {
@@ -354,7 +364,11 @@ impl Homes {
                     cost_usd,
                 };
                 if !relay::send(&refs.router, &cast) {
-                    tracing::error!(%user, home = %node, "settling a reservation: home unreachable");
+                    // A stale reference (see `call`): look the router up again, in the background.
+                    let (view, home) = (self.view.clone(), node.clone());
+                    let resolve: relay::PeerResolver =
+                        Arc::new(move || router_in(view.as_ref()?, &home));
+                    relay::send_soon(&resolve, cast);
                 }
             }
             // Settled where it was admitted when the home is here (or unknown right now: the
@@ -470,6 +484,12 @@ async fn first_outcome(
         .await
         .ok()
         .and_then(Result::ok)
+}
+
+fn router_in(view: &SharedView, node: &str) -> Option<ActorRef<PeerMessage>> {
+    view.read()
+        .ok()
+        .and_then(|v| v.peers.get(node).map(|p| p.router.clone()))
 }
 
 fn relay_in(view: &SharedView, node: &str) -> Option<ActorRef<PeerMessage>> {
@@ -591,7 +611,8 @@ impl Dispatcher {
                 wait_first,
             } => Reply::TurnStarted(
                 self.start_turn(user, thread, send, stream, wait_first)
-                    .await,
+                    .await
+                    .map(Box::new),
             ),
             Request::OpenStream {
                 user,

@@ -52,7 +52,7 @@ async fn send_resolving(resolve: &PeerResolver, cast: &Cast) -> bool {
 
 /// Sends from synchronous code (a stream's poll, a drop): at once when the peer is there, else
 /// in the background.
-fn send_soon(resolve: &PeerResolver, cast: Cast) {
+pub(crate) fn send_soon(resolve: &PeerResolver, cast: Cast) {
     if let Some(peer) = resolve()
         && send(&peer, &cast)
     {

@@ -1442,56 +1442,8 @@ pub fn id_of(thread: &Value) -> String {
         .to_owned()
 }
 
-/// A real `redis-server` on a free loopback port (no persistence), for servers that share limits
-/// through it (`redis_url`). Killed on drop.
-pub struct RedisServer {
-    pub port: u16,
-    child: Child,
-    _dir: TempDir,
-}
-
-impl RedisServer {
-    /// Starts it and waits until it accepts connections.
-    pub fn start() -> RedisServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("finding a free port");
-        let dir = tempfile::tempdir().expect("temp dir for redis");
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawning redis-server (apt-get install -y redis-server)");
-        let server = RedisServer {
-            port,
-            child,
-            _dir: dir,
-        };
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < STARTUP_TIMEOUT,
-                "redis-server did not listen on {port} within {STARTUP_TIMEOUT:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        server
-    }
-
-    /// `redis://127.0.0.1:PORT`, for `CHORUS__REDIS__URL`.
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// A real `redis-server` on a free loopback port (no persistence), killed on drop: the same
+/// harness as the actors' tests.
+#[path = "../../actors/tests/common/redis_server.rs"]
+mod redis_server;
+pub use redis_server::RedisServer;

@@ -208,19 +208,28 @@ impl EventReader {
         self,
         turn_id: Uuid,
     ) -> impl Stream<Item = Arc<EventRecord>> + Send + 'static {
-        let events = Box::pin(
-            self.into_stream()
-                .filter(move |e| futures_util::future::ready(e.turn_id == turn_id)),
-        );
-        futures_util::stream::unfold((events, false), |(mut events, finished)| async move {
-            if finished {
-                return None;
-            }
-            let event = events.next().await?;
-            let done = event.is_done();
-            Some((event, (events, done)))
-        })
+        turn_only(self.into_stream(), turn_id)
     }
+}
+
+/// The events of one turn out of a thread's events (a local log, or one relayed from another
+/// node), ending right after its `done`.
+pub fn turn_only<S>(
+    events: S,
+    turn_id: Uuid,
+) -> impl Stream<Item = Arc<EventRecord>> + Send + 'static
+where
+    S: Stream<Item = Arc<EventRecord>> + Send + 'static,
+{
+    let mine = Box::pin(events.filter(move |e| futures_util::future::ready(e.turn_id == turn_id)));
+    futures_util::stream::unfold((mine, false), |(mut events, finished)| async move {
+        if finished {
+            return None;
+        }
+        let event = events.next().await?;
+        let done = event.is_done();
+        Some((event, (events, done)))
+    })
 }
 
 /// Events copied out of the log per wake-up by the streams above.
