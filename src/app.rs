@@ -350,11 +350,14 @@ impl Application {
         // How long a home waits for a turn's first outcome before the edge commits to a 200.
         let first_wait = config.sessions.turn_timeouts.first_token + Duration::from_secs(5);
         let cluster = match &config.cluster {
-            Some(settings) => {
-                Cluster::start(settings.cluster.clone(), node.sessions.clone(), first_wait)
-                    .await
-                    .context("starting the cluster")?
-            }
+            Some(settings) => Cluster::start(
+                settings.cluster.clone(),
+                node.sessions.clone(),
+                store.clone(),
+                first_wait,
+            )
+            .await
+            .context("starting the cluster")?,
             None => Cluster::single(
                 NodeId::new(config.node_name.clone()),
                 node.sessions.clone(),

@@ -303,7 +303,8 @@ fn a_version_7_file_gains_unowned_messages() {
     SqliteStore::migrate(&path).unwrap();
     let conn = raw(&path);
     conn.execute_batch(
-        "DROP INDEX messages_streaming_by_node; \
+        "DROP INDEX messages_streaming_by_thread; \
+         DROP INDEX messages_streaming_by_node; \
          ALTER TABLE messages DROP COLUMN node; \
          PRAGMA user_version = 7;",
     )
@@ -321,7 +322,7 @@ fn a_version_7_file_gains_unowned_messages() {
     let report = SqliteStore::migrate(&path).unwrap();
     assert_eq!(
         report.applied.iter().map(|m| m.version).collect::<Vec<_>>(),
-        vec![8]
+        vec![8, 9]
     );
     let owner: Option<String> = raw(&path)
         .query_row("SELECT node FROM messages WHERE id = 'm'", [], |r| r.get(0))

@@ -104,6 +104,22 @@ pub enum Request {
         after: Option<u64>,
         stream: StreamTarget,
     },
+    /// To the node a thread's turn started on, after the user's home moved: if turns still
+    /// run there, stream the thread's events after `after` to `stream` as `OpenStream` does.
+    /// Never starts a session.
+    OpenLiveTurns {
+        user: Uuid,
+        thread: Uuid,
+        after: Option<u64>,
+        stream: StreamTarget,
+    },
+    /// To the node a turn runs on, after the user's home moved: cancel it there. Never starts
+    /// a session; answers `Session(Ok(Unit))` or a not-found error.
+    CancelLiveTurn {
+        user: Uuid,
+        thread: Uuid,
+        turn: Uuid,
+    },
 }
 
 /// The user-scoped operations of a home session that answer with data (`Sessions` methods).
@@ -154,6 +170,13 @@ pub struct TurnStartedWire {
     pub rate_limit: chorus_actors::quota::Admission,
 }
 
+/// Turns still running on a user's previous home, streamed after `after`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LiveTurnsWire {
+    pub after: u64,
+    pub turns: Vec<Uuid>,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Reply {
     Pong(Heartbeat),
@@ -161,6 +184,8 @@ pub enum Reply {
     TurnStarted(Result<Box<TurnStartedWire>, WireError>),
     /// The stream is open; its first event follows `start`.
     StreamOpened(Result<u64, WireError>),
+    /// `OpenLiveTurns`: `None` when no turn runs there (no stream was opened).
+    LiveTurnsOpened(Option<LiveTurnsWire>),
     /// The receiver could not decode or serve the request at all.
     Refused(String),
 }

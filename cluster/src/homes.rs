@@ -16,14 +16,14 @@ use chorus_actors::session::{
     NewThread, ProfilePatch, Reservation, SearchQuery, SendMessage, SessionError, Sessions,
     ThreadPatch, TierRoleChange,
 };
-use chorus_actors::store::{ApiKey, Document, Message, ProviderKey, Summary, Thread, User};
-use futures_util::Stream;
+use chorus_actors::store::{ApiKey, Document, Message, ProviderKey, Store, Summary, Thread, User};
+use futures_util::{Stream, StreamExt};
 use ractor::ActorRef;
 use uuid::Uuid;
 
 use crate::codec::{
-    self, Cast, FromValue, Reply, Request, SessionOp, StreamTarget, TurnStartedWire, Value,
-    WireError,
+    self, Cast, FromValue, LiveTurnsWire, Reply, Request, SessionOp, StreamTarget, TurnStartedWire,
+    Value, WireError,
 };
 use crate::membership::{MembershipMessage, PeerRefs, SharedView};
 use crate::peer::{Inbox, PeerMessage};
@@ -68,6 +68,8 @@ enum Route {
 pub struct Homes {
     sessions: Sessions,
     view: Option<SharedView>,
+    /// Where a thread's turn runs, when it is not the user's home (clustered only).
+    store: Option<Arc<dyn Store>>,
     relay: Arc<Relay>,
     call_timeout: Duration,
     /// How long a home waits for a turn's first outcome before answering.
@@ -80,6 +82,7 @@ impl Homes {
         Homes {
             sessions,
             view: None,
+            store: None,
             relay: Arc::new(Relay::new(String::new())),
             call_timeout: Duration::from_secs(10),
             first_wait,
@@ -88,6 +91,7 @@ impl Homes {
 
     pub(crate) fn clustered(
         sessions: Sessions,
+        store: Arc<dyn Store>,
         view: SharedView,
         relay: Arc<Relay>,
         call_timeout: Duration,
@@ -96,6 +100,7 @@ impl Homes {
         Homes {
             sessions,
             view: Some(view),
+            store: Some(store),
             relay,
             call_timeout,
             first_wait,
@@ -206,7 +211,16 @@ impl Homes {
     }
 
     async fn op<T: FromValue>(&self, user: Uuid, op: SessionOp) -> Result<T, SessionError> {
-        match self.route(user)? {
+        self.op_via(self.route(user)?, user, op).await
+    }
+
+    async fn op_via<T: FromValue>(
+        &self,
+        route: Route,
+        user: Uuid,
+        op: SessionOp,
+    ) -> Result<T, SessionError> {
+        match route {
             Route::Local => T::from_value(execute(&self.sessions, user, op).await?),
             Route::Remote { node, refs } => {
                 match self
@@ -297,7 +311,35 @@ impl Homes {
         thread: Uuid,
         turn: Uuid,
     ) -> Result<(), SessionError> {
-        self.op(user, SessionOp::CancelTurn(thread, turn)).await
+        let route = self.route(user)?;
+        let home = self.node_of(&route);
+        match self
+            .op_via(route, user, SessionOp::CancelTurn(thread, turn))
+            .await
+        {
+            // Not at home: the turn may be finishing on the user's previous home.
+            Err(SessionError::NotFound) => {
+                let Some(node) = self.turn_node_elsewhere(user, thread, &home).await else {
+                    return Err(SessionError::NotFound);
+                };
+                if node == self.local_name() {
+                    return self.sessions.cancel_live_turn(user, thread, turn).await;
+                }
+                let router = self.router_of(&node).ok_or(SessionError::NotFound)?;
+                match self
+                    .call(
+                        &node,
+                        &router,
+                        &Request::CancelLiveTurn { user, thread, turn },
+                    )
+                    .await?
+                {
+                    Reply::Session(answer) => <()>::from_value(answer.map_err(SessionError::from)?),
+                    _ => Err(unexpected(&node)),
+                }
+            }
+            other => other,
+        }
     }
 
     pub async fn summarize(
@@ -437,13 +479,60 @@ impl Homes {
 
     /// The events of one of the user's threads after `after` (`None`: from the live start — the
     /// first event of a turn still running, else from now on).
+    ///
+    /// After a hand-off a turn finishes on the node it started on while the user's new home
+    /// serves everything else: the subscription then reads that node's log until those turns are
+    /// done, and continues at the home after the last event it passed on. Sequence numbers only
+    /// grow across logs (they start at the time a log was made), so the cursor carries over.
     pub async fn subscribe(
         &self,
         user: Uuid,
         thread: Uuid,
         after: Option<u64>,
     ) -> Result<Subscription, SessionError> {
-        match self.route(user)? {
+        let route = self.route(user)?;
+        let home = self.node_of(&route);
+        if let Some(node) = self.turn_node_elsewhere(user, thread, &home).await
+            && let Some(earlier) = self.open_live_turns(&node, user, thread, after).await
+        {
+            let cursor = Arc::new(std::sync::atomic::AtomicU64::new(earlier.after));
+            let seen = cursor.clone();
+            let head = until_done(earlier.events, earlier.turns).inspect(move |event| {
+                seen.store(event.seq, std::sync::atomic::Ordering::Relaxed);
+            });
+            let homes = self.clone();
+            let tail = futures_util::stream::once(async move {
+                let after = cursor.load(std::sync::atomic::Ordering::Relaxed);
+                let rest = match homes.route(user) {
+                    Ok(route) => homes.subscribe_via(route, user, thread, Some(after)).await,
+                    Err(e) => Err(e),
+                };
+                match rest {
+                    Ok(rest) => rest.events,
+                    Err(e) => {
+                        // The client sees its stream end and reconnects with its cursor.
+                        tracing::warn!(%user, %thread, error = %e, "continuing a thread's events at its home");
+                        Box::pin(futures_util::stream::empty()) as EventStream
+                    }
+                }
+            })
+            .flatten();
+            return Ok(Subscription {
+                after: earlier.after,
+                events: Box::pin(head.chain(tail)),
+            });
+        }
+        self.subscribe_via(route, user, thread, after).await
+    }
+
+    async fn subscribe_via(
+        &self,
+        route: Route,
+        user: Uuid,
+        thread: Uuid,
+        after: Option<u64>,
+    ) -> Result<Subscription, SessionError> {
+        match route {
             Route::Local => {
                 let log = self.sessions.subscribe(user, thread).await?;
                 let after = after.unwrap_or_else(|| log.live_start());
@@ -470,6 +559,101 @@ impl Homes {
             }
         }
     }
+
+    fn local_name(&self) -> String {
+        self.view
+            .as_ref()
+            .and_then(|v| v.read().ok().map(|v| v.local.as_str().to_owned()))
+            .unwrap_or_default()
+    }
+
+    /// The node a route leads to.
+    fn node_of(&self, route: &Route) -> String {
+        match route {
+            Route::Local => self.local_name(),
+            Route::Remote { node, .. } => node.clone(),
+        }
+    }
+
+    /// The member a turn of `thread` still runs on, when that is not the user's home `home`
+    /// (the home moved while the turn ran). One store read; clustered nodes only.
+    async fn turn_node_elsewhere(&self, user: Uuid, thread: Uuid, home: &str) -> Option<String> {
+        let store = self.store.as_ref()?;
+        let node = match store.streaming_node(user, thread).await {
+            Ok(node) => node?,
+            Err(e) => {
+                tracing::warn!(%user, %thread, error = %e, "looking up where a turn runs");
+                return None;
+            }
+        };
+        // A node that is gone left its turns to the reaper: nothing runs there any more.
+        let member = node == self.local_name() || self.router_of(&node).is_some();
+        (node != home && member).then_some(node)
+    }
+
+    /// The turns of `thread` running on `node` and its events after `after`; `None` when none
+    /// run there any more (or it cannot be asked: the home then serves what is stored).
+    async fn open_live_turns(
+        &self,
+        node: &str,
+        user: Uuid,
+        thread: Uuid,
+        after: Option<u64>,
+    ) -> Option<LiveTurnsStream> {
+        if node == self.local_name() {
+            let live = self.sessions.live_turns(user, thread).await?;
+            let after = after.unwrap_or_else(|| live.log.live_start());
+            return Some(LiveTurnsStream {
+                after,
+                turns: live.turns,
+                events: Box::pin(live.log.reader(after).into_stream()),
+            });
+        }
+        let router = self.router_of(node)?;
+        let pending = self.relay.register(node, DEFAULT_WINDOW);
+        let request = Request::OpenLiveTurns {
+            user,
+            thread,
+            after,
+            stream: pending.target(),
+        };
+        match self.call(node, &router, &request).await {
+            Ok(Reply::LiveTurnsOpened(Some(LiveTurnsWire { after, turns }))) => {
+                Some(LiveTurnsStream {
+                    after,
+                    turns,
+                    events: Box::pin(pending.open(self.relay_of(node))),
+                })
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::debug!(%user, %thread, node, error = %e, "asking a previous home for its turns");
+                None
+            }
+        }
+    }
+}
+
+/// Turns running on a node that is no longer the user's home, with the thread's events there.
+struct LiveTurnsStream {
+    after: u64,
+    turns: Vec<Uuid>,
+    events: EventStream,
+}
+
+/// `events` until each of `turns` has logged its `done` (or the log ends).
+fn until_done(events: EventStream, turns: Vec<Uuid>) -> impl Stream<Item = Arc<EventRecord>> {
+    let open: std::collections::HashSet<Uuid> = turns.into_iter().collect();
+    futures_util::stream::unfold((events, open), |(mut events, mut open)| async move {
+        if open.is_empty() {
+            return None;
+        }
+        let event = events.next().await?;
+        if event.is_done() {
+            open.remove(&event.turn_id);
+        }
+        Some((event, (events, open)))
+    })
 }
 
 async fn first_outcome(
@@ -620,6 +804,19 @@ impl Dispatcher {
                 after,
                 stream,
             } => Reply::StreamOpened(self.open_stream(user, thread, after, stream).await),
+            Request::OpenLiveTurns {
+                user,
+                thread,
+                after,
+                stream,
+            } => Reply::LiveTurnsOpened(self.open_live_turns(user, thread, after, stream).await),
+            Request::CancelLiveTurn { user, thread, turn } => Reply::Session(
+                self.sessions
+                    .cancel_live_turn(user, thread, turn)
+                    .await
+                    .map(|()| Value::Unit)
+                    .map_err(WireError::from),
+            ),
         }
     }
 
@@ -662,6 +859,25 @@ impl Dispatcher {
         let after = after.unwrap_or_else(|| log.live_start());
         self.relay.start_pump(log.reader(after), stream, peer);
         Ok(after)
+    }
+}
+
+impl Dispatcher {
+    async fn open_live_turns(
+        &self,
+        user: Uuid,
+        thread: Uuid,
+        after: Option<u64>,
+        stream: StreamTarget,
+    ) -> Option<LiveTurnsWire> {
+        let live = self.sessions.live_turns(user, thread).await?;
+        let peer = self.peer_relay(&stream.origin).await?;
+        let after = after.unwrap_or_else(|| live.log.live_start());
+        self.relay.start_pump(live.log.reader(after), stream, peer);
+        Some(LiveTurnsWire {
+            after,
+            turns: live.turns,
+        })
     }
 }
 

@@ -135,6 +135,7 @@ impl Cluster {
     pub async fn start(
         config: ClusterConfig,
         sessions: Sessions,
+        store: Arc<dyn chorus_actors::store::Store>,
         first_wait: Duration,
     ) -> Result<Cluster, ClusterError> {
         let local = NodeId::new(config.node_name.clone());
@@ -232,6 +233,7 @@ impl Cluster {
         Ok(Cluster {
             homes: Homes::clustered(
                 sessions,
+                store,
                 view.clone(),
                 relay.clone(),
                 config.call_timeout,

@@ -14,6 +14,8 @@ const COOKIE: &str = "test-cluster-cookie-0123456789";
 const CRAWL: &str = "test-crawl";
 /// 60 words, quickly: a streaming answer with many events.
 const CHATTY: &str = "test-chatty";
+/// Long enough to move its user's home while it runs: 300 words, 40 ms apart.
+const WALK: &str = "test-walk";
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -56,6 +58,7 @@ fn node_builder(
         .models_toml(&catalogue_toml(&[
             TestModel::new(CRAWL, "mock", "lorem;words=400;delay_ms=50"),
             TestModel::new(CHATTY, "mock", "lorem;words=60;delay_ms=2"),
+            TestModel::new(WALK, "mock", "lorem;words=300;delay_ms=40"),
         ]))
         .tiers_toml(options.tiers)
         .env("CHORUS__REDIS__URL", &redis.url())
@@ -90,12 +93,11 @@ impl TestCluster {
             .await;
             nodes.push(node);
         }
-        let cluster = TestCluster {
+        TestCluster {
             nodes,
             ports,
             _redis: redis,
-        };
-        cluster
+        }
     }
 
     /// An admin token (users and tokens are shared: one store, one JWT secret).
@@ -399,6 +401,119 @@ async fn a_killed_node_is_removed_its_turn_ends_interrupted_and_its_users_rehome
         ["complete", "interrupted", "complete", "complete"]
     );
     let _ = &cluster.ports;
+}
+
+#[tokio::test]
+async fn a_turn_running_when_its_users_home_moves_finishes_there_and_stays_reachable() {
+    let mut cluster = TestCluster::start(3, Options::default()).await;
+    let admin = cluster.admin().await;
+    cluster.converge(&admin, &[0, 1, 2]).await;
+    // A user homed on node-3; while node-3 is away, on node-1 or node-2.
+    let user = loop {
+        let user = cluster.nodes[0].register_user().await;
+        if cluster.home_of(&admin, 0, &user).await == "node-3" {
+            break user;
+        }
+    };
+    let status = cluster.nodes[2].stop_gracefully().await;
+    assert!(status.success(), "{status}");
+    cluster.converge(&admin, &[0, 1]).await;
+    let old_home = TestCluster::index_of(&cluster.home_of(&admin, 0, &user).await);
+    let edge = 1 - old_home;
+
+    // A long turn starts on the old home, streamed through the other node.
+    let thread = id_of(
+        &cluster.nodes[edge]
+            .create_thread(user.token(), &json!({}))
+            .await,
+    );
+    let mut stream = cluster.nodes[edge]
+        .send_streaming(
+            user.token(),
+            &thread,
+            &json!({ "content": "walk", "model": WALK }),
+        )
+        .await;
+    let mut seen = stream.until_event("delta").await;
+    let turn_id = seen[0].data["turn_id"].as_str().unwrap().to_owned();
+    let message_id = seen[0].data["message_id"].as_str().unwrap().to_owned();
+
+    // node-3 joins again and becomes the user's home while the turn runs.
+    cluster.nodes[2].start().await;
+    cluster.converge(&admin, &[0, 1, 2]).await;
+    assert_eq!(cluster.home_of(&admin, 0, &user).await, "node-3");
+    seen.push(stream.expect_event().await);
+    assert_eq!(seen.last().map(|e| e.name()), Some("delta"), "{seen:#?}");
+
+    // A client resuming at the new home gets the rest of the turn, from where it stopped.
+    let cursor = seen.last().unwrap().seq();
+    let mut resumed = cluster.nodes[2]
+        .open_events(user.token(), &thread, "", Some(cursor))
+        .await;
+    let first = resumed.expect_event().await;
+    assert_eq!(
+        (first.name(), first.seq()),
+        ("delta", cursor + 1),
+        "{first:#?}"
+    );
+    // A second tab opening without a cursor sees that answer from its start.
+    let mut watcher = cluster.nodes[edge]
+        .open_events(user.token(), &thread, "", None)
+        .await;
+    assert_eq!(watcher.expect_event().await.seq(), seen[0].seq());
+
+    // Cancelling through the new home reaches the turn where it runs.
+    let response = cluster.nodes[2]
+        .cancel_turn(user.token(), &thread, &turn_id)
+        .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let mut rest = vec![first];
+    rest.extend(resumed.until_done().await);
+    seen.extend(stream.until_done().await);
+    assert_contiguous(&seen);
+    // The resumed client got exactly what the original one got after its cursor.
+    let tail: Vec<(u64, String)> = seen
+        .iter()
+        .filter(|e| e.seq() > cursor)
+        .map(|e| (e.seq(), e.raw.clone()))
+        .collect();
+    let got: Vec<(u64, String)> = rest.iter().map(|e| (e.seq(), e.raw.clone())).collect();
+    assert_eq!(got, tail);
+    let complete = &seen[seen.len() - 2];
+    assert_eq!(complete.name(), "message_complete");
+    assert_eq!(complete.data["status"], "interrupted", "{complete:#?}");
+    let watched = watcher.until_done().await;
+    assert_eq!(
+        watched.last().map(|e| e.seq()),
+        seen.last().map(|e| e.seq())
+    );
+
+    // The answer was stored once, as far as it got; the next turn runs at the new home, and a
+    // stream that outlived the turn continues with it there.
+    let partial = delta_text(&seen, Some(&message_id));
+    let stored = cluster.nodes[0]
+        .thread_message(user.token(), &thread, &message_id)
+        .await;
+    assert_eq!(
+        (stored["status"].as_str(), stored["content"].as_str()),
+        (Some("interrupted"), Some(partial.as_str()))
+    );
+    let next = cluster.nodes[edge]
+        .chat_turn(
+            user.token(),
+            &thread,
+            &json!({ "content": "at the new home", "model": "mock-echo" }),
+        )
+        .await;
+    assert_eq!(delta_text(&next, None), "at the new home");
+    assert!(cluster.live_sessions(2).await >= 1);
+    let continued = watcher.until_done().await;
+    assert_eq!(delta_text(&continued, None), "at the new home");
+    assert!(continued[0].seq() > seen.last().unwrap().seq());
+    let messages = cluster.nodes[1]
+        .thread_messages(user.token(), &thread)
+        .await;
+    assert_eq!(messages.len(), 4, "{messages:#?}");
 }
 
 #[tokio::test]

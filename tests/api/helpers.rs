@@ -297,7 +297,7 @@ impl TestApp {
         env
     }
 
-    async fn start(&mut self) {
+    pub async fn start(&mut self) {
         assert!(self.running.is_none(), "server already running");
         let mut command = chorus_command();
         command

@@ -35,7 +35,7 @@ use crate::indexer::Documents;
 use crate::node::SupervisorSlot;
 use crate::store::{ApiKey, Document, ProviderKey, Role, StoreError, Thread, User};
 pub use supervisor::{SessionSupervisor, SessionSupervisorArgs, SessionSupervisorMessage};
-pub use user_session::{UserSession, UserSessionMessage, usage_period};
+pub use user_session::{LiveTurns, UserSession, UserSessionMessage, usage_period};
 
 use crate::provider::{KeyOpener, ProviderError};
 pub use quota::Reservation;
@@ -313,8 +313,7 @@ impl Sessions {
     /// Requests already queued behind the hand-off are not served by the stopped session: they
     /// fail as if the session had passivated when idle (reads are retried on a fresh one).
     pub async fn passivate(&self, user_id: Uuid) -> Result<Passivation, SessionError> {
-        let live = self.live.read().ok().and_then(|m| m.get(&user_id).cloned());
-        let Some(session) = live.filter(is_alive) else {
+        let Some(session) = self.live_session(user_id) else {
             return Ok(Passivation::NotLive);
         };
         match self
@@ -539,6 +538,43 @@ impl Sessions {
             UserSessionMessage::Subscribe(thread_id, reply)
         })
         .await
+    }
+
+    /// The turns running in one of the user's threads here, with the thread's log; `None`
+    /// when none run (or the user has no live session here). Never spawns a session: this is
+    /// how the node a turn started on is asked for it after the user's home moved.
+    pub async fn live_turns(&self, user_id: Uuid, thread_id: Uuid) -> Option<LiveTurns> {
+        let session = self.live_session(user_id)?;
+        self.call_once(&session, |reply| {
+            UserSessionMessage::LiveTurns(thread_id, reply)
+        })
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten()
+    }
+
+    /// Cancels a turn running in a live session here; never spawns one (see `live_turns`).
+    pub async fn cancel_live_turn(
+        &self,
+        user_id: Uuid,
+        thread_id: Uuid,
+        turn_id: Uuid,
+    ) -> Result<(), SessionError> {
+        let session = self.live_session(user_id).ok_or(SessionError::NotFound)?;
+        self.call_once(&session, |reply| {
+            UserSessionMessage::CancelTurn(thread_id, turn_id, reply)
+        })
+        .await
+        .unwrap_or(Err(SessionError::NotFound))
+    }
+
+    fn live_session(&self, user_id: Uuid) -> Option<ActorRef<UserSessionMessage>> {
+        self.live
+            .read()
+            .ok()
+            .and_then(|m| m.get(&user_id).cloned())
+            .filter(is_alive)
     }
 
     pub async fn cancel_turn(

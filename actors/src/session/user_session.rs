@@ -52,6 +52,12 @@ pub struct UserSessionArgs {
 }
 
 /// A turn that is still running.
+/// The turns running in one thread of a session, with the thread's log.
+pub struct LiveTurns {
+    pub log: Arc<ThreadEvents>,
+    pub turns: Vec<Uuid>,
+}
+
 struct LiveTurn {
     thread_id: Uuid,
     cancel: watch::Sender<bool>,
@@ -123,6 +129,9 @@ pub enum UserSessionMessage {
     Subscribe(Uuid, RpcReplyPort<Result<Arc<ThreadEvents>, SessionError>>),
     /// Cancels a live turn of a thread.
     CancelTurn(Uuid, Uuid, RpcReplyPort<Result<(), SessionError>>),
+    /// The thread's log and the turns running in it, if any run (after a hand-off, a turn
+    /// keeps running on its old home; edges elsewhere still reach its events this way).
+    LiveTurns(Uuid, RpcReplyPort<Result<Option<LiveTurns>, SessionError>>),
     /// Folds the older part of a model's conversation into its summary now.
     Summarize(
         Uuid,
@@ -373,6 +382,23 @@ impl Actor for UserSession {
             }
             UserSessionMessage::Subscribe(thread_id, reply) => {
                 let _ = reply.send(subscribe(state, thread_id).await);
+            }
+            UserSessionMessage::LiveTurns(thread_id, reply) => {
+                let mut turns: Vec<Uuid> = state
+                    .turns
+                    .iter()
+                    .filter(|(_, turn)| turn.thread_id == thread_id)
+                    .map(|(id, _)| *id)
+                    .collect();
+                turns.sort_unstable();
+                let live = match state.logs.get(&thread_id) {
+                    Some(log) if !turns.is_empty() => Some(LiveTurns {
+                        log: log.clone(),
+                        turns,
+                    }),
+                    _ => None,
+                };
+                let _ = reply.send(Ok(live));
             }
             UserSessionMessage::CancelTurn(thread_id, turn_id, reply) => {
                 let result = match state.turns.get(&turn_id) {

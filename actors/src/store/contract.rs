@@ -106,6 +106,7 @@ macro_rules! store_node_contract_tests {
         $crate::store_node_contract_tests!(@cases $factory;
             startup_reaper_settles_only_its_own_nodes_messages,
             a_dead_nodes_streaming_messages_are_settled_by_another_node,
+            the_node_running_a_threads_turn_is_found,
         );
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {
@@ -1717,6 +1718,47 @@ pub async fn a_dead_nodes_streaming_messages_are_settled_by_another_node(
         status_and_content(&**a, &dead_turn).await.0,
         MessageStatus::Interrupted
     );
+}
+
+/// `stores[0]` serves `node-a`, `stores[1]` serves `node-b`, over one backend.
+pub async fn the_node_running_a_threads_turn_is_found(stores: Vec<Arc<dyn Store>>) {
+    let (a, b) = (&stores[0], &stores[1]);
+    let user_id = Uuid::now_v7();
+    let t = thread(user_id, 0);
+    let quiet = thread(user_id, 1);
+    create_threads(&**a, &[t.clone(), quiet.clone()]).await;
+    a.append_message(&message(&quiet, 2, Some("m")))
+        .await
+        .unwrap();
+    assert_eq!(b.streaming_node(user_id, quiet.id).await.unwrap(), None);
+
+    let mut running = streaming(&t, 3, "");
+    a.append_message(&running).await.unwrap();
+    // Any node sharing the backend sees where the turn runs; another user sees nothing.
+    for store in [a, b] {
+        assert_eq!(
+            store
+                .streaming_node(user_id, t.id)
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("node-a")
+        );
+    }
+    assert_eq!(b.streaming_node(Uuid::now_v7(), t.id).await.unwrap(), None);
+    // A newer turn on b is the one named.
+    b.append_message(&streaming(&t, 4, "")).await.unwrap();
+    assert_eq!(
+        a.streaming_node(user_id, t.id).await.unwrap().as_deref(),
+        Some("node-b")
+    );
+    // Once settled, a message no longer counts.
+    running.status = MessageStatus::Complete;
+    a.update_message(&running).await.unwrap();
+    b.settle_orphaned_messages_of("node-b", at(10), MessageStatus::Interrupted)
+        .await
+        .unwrap();
+    assert_eq!(a.streaming_node(user_id, t.id).await.unwrap(), None);
 }
 
 pub async fn delete_thread_cascades(store: Arc<dyn Store>) {

@@ -512,6 +512,11 @@ pub trait Store: Send + Sync + 'static {
         status: MessageStatus,
     ) -> StoreResult<u64>;
 
+    /// The node that owns the newest message of the thread still `streaming` — where a turn
+    /// of it runs, or ran until its node died — if any. After a hand-off, edges use it to reach
+    /// a turn that is finishing on the user's previous home.
+    async fn streaming_node(&self, user_id: Uuid, thread_id: Uuid) -> StoreResult<Option<String>>;
+
     // summaries
     async fn upsert_summary(&self, summary: &Summary) -> StoreResult<()>;
     async fn get_summary(

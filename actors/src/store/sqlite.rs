@@ -1408,6 +1408,18 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn streaming_node(&self, user_id: Uuid, thread_id: Uuid) -> StoreResult<Option<String>> {
+        self.read("streaming_node", move |conn| {
+            conn.prepare_cached(
+                "SELECT node FROM messages WHERE user_id = ?1 AND thread_id = ?2 \
+                 AND status = 'streaming' AND node IS NOT NULL ORDER BY id DESC LIMIT 1",
+            )?
+            .query_row([id(user_id), id(thread_id)], |r| r.get::<_, String>(0))
+            .optional()
+        })
+        .await
+    }
+
     async fn put_provider_key(&self, key: &ProviderKey) -> StoreResult<()> {
         let key = key.clone();
         self.write("put_provider_key", move |conn| {

@@ -218,10 +218,19 @@ CREATE INDEX messages_streaming_by_node ON messages (node, created_at)
     WHERE status = 'streaming';
 "#,
     },
+    Migration {
+        version: 9,
+        name: "finding the node a thread's turn runs on",
+        // Partial: only messages still `streaming` (a handful at any time) are indexed.
+        sql: r#"
+CREATE INDEX messages_streaming_by_thread ON messages (user_id, thread_id, id)
+    WHERE status = 'streaming';
+"#,
+    },
 ];
 
 /// The newest schema version this binary knows.
-pub const SCHEMA_VERSION: i64 = 8;
+pub const SCHEMA_VERSION: i64 = 9;
 
 /// What a migration run did (see [`SqliteStore::migrate`](super::SqliteStore::migrate)).
 #[derive(Debug, Clone, PartialEq, Eq)]
