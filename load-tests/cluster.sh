@@ -14,9 +14,13 @@
 #    over the three nodes; req/s, p50/p99 and the CPU the machine had left.
 # 4. RSS per idle cached session: a fresh single node, MEM_USERS users (rows inserted into SQLite,
 #    HS256 access tokens minted with the configured secret) each doing one `GET /api/v1/me/usage`.
+# 5. A per-user limit across hand-offs: a user on the `limited` tier (120 requests a minute), homed
+#    on node-3, sends /v1 requests through all three nodes (4 clients, as fast as answered) for
+#    HANDOFF_SECS s while node-3 leaves (SIGTERM) and joins again, then while it is SIGKILLed and
+#    restarted; admitted requests vs the most the bucket allows (full + refill over the run).
 # Prints the figures; bounded in time; stops what it started (also on failure).
 #
-#   load-tests/cluster.sh [TURNS] [SECS] [CONC] [MEM_USERS] [KILL_RUNS]
+#   load-tests/cluster.sh [TURNS] [SECS] [CONC] [MEM_USERS] [KILL_RUNS] [HANDOFF_SECS]
 #
 # Needs: cargo build --release -p chorus; redis-server; oha (OHA=/path if not on PATH).
 set -euo pipefail
@@ -28,6 +32,7 @@ SECS=${2:-10}
 CONC=${3:-32}
 MEM_USERS=${4:-1000}
 KILL_RUNS=${5:-3}
+HANDOFF_SECS=${6:-15}
 BIN=${CHORUS_BIN:-target/release/chorus}
 OHA=${OHA:-oha}
 [ -x "$BIN" ] || { echo "missing $BIN: cargo build --release -p chorus" >&2; exit 1; }
@@ -238,6 +243,28 @@ for run in $(seq 1 "$KILL_RUNS"); do
   sleep 1
 done
 $HELPER kill-summary "$STATE"
+
+echo
+echo "== 5. a per-user limit across hand-offs (120/min, 4 clients through all nodes) [load average $(cut -d" " -f1-3 /proc/loadavg)]"
+handoff_run() { # label signal
+  local fifo="$WORK/handoff.fifo"
+  rm -f "$fifo"; mkfifo "$fifo"
+  timeout 120 $HELPER handoff "$STATE" limited 120 "$HANDOFF_SECS" "$1" "$(URL 1)" "$(URL 2)" "$(URL 3)" > "$fifo" &
+  local hp=$! line
+  exec 9< "$fifo"
+  read -r line <&9   # READY: the user exists and is on the tier; the clients start now
+  sleep 3
+  if [ "$2" = TERM ]; then stop_pid "${PID[3]}"; else kill -KILL "${PID[3]}"; wait "${PID[3]}" 2>/dev/null || true; fi
+  PID[3]=""
+  sleep 3
+  start_node 3
+  cat <&9
+  exec 9<&-
+  wait "$hp"
+  timeout 60 $HELPER wait-cluster 3 "$(URL 1)" "$(URL 2)" "$(URL 3)"
+}
+handoff_run "leave (SIGTERM) at 3 s, join at ~6 s" TERM
+handoff_run "crash (SIGKILL) at 3 s, back at ~6 s" KILL
 
 echo
 echo "== 3b. the same load on one node (a cluster of one: nodes 2 and 3 stopped, node 1 restarted alone) [load average $(cut -d" " -f1-3 /proc/loadavg)]"

@@ -11,6 +11,9 @@ oha's per-request CSV. Subcommands:
   tokens STATE N                 print N access tokens of distinct setup users (one per line)
   oha-merge LABEL SECS COUNT_FILE CSV... merge oha CSV outputs: req/s, p50/p99, status codes
   mem STATE DATA_DIR URL PID N   RSS per idle cached session (N users inserted into SQLite, JWTs minted)
+  handoff STATE TIER RPM SECS LABEL URL...   one new user homed on node-3, on TIER (RPM requests a
+                                 minute), sends /v1 requests through every URL for SECS s while the
+                                 shell moves its home; admitted vs what the bucket allows
 """
 import base64
 import hashlib
@@ -448,6 +451,59 @@ def cmd_mem(state_path, data_dir, url, pid, n, secret):
           + (f" e.g. {fails[0]}" if fails else ""))
 
 
+def cmd_handoff(state_path, tier, rpm, secs, label, *urls):
+    st = load(state_path)
+    admin = st["admin"]
+    rpm, secs = int(rpm), float(secs)
+    # A fresh user (a full bucket) homed on node-3, on the limited tier.
+    for i in range(200):
+        uid, tok = register(urls[0], f"handoff-{uuid.uuid4().hex[:12]}@bench.example")
+        if home_of(urls[0], admin, uid) == "node-3":
+            break
+    else:
+        raise SystemExit("no user homed on node-3 in 200 tries")
+    st_, b = call(urls[0], "PATCH", f"/api/v1/admin/users/{uid}", {"tier": tier}, token=admin)
+    ok(st_, b, "set tier")
+    print(f"READY", flush=True)
+    body = {"model": "mock-echo", "messages": [{"role": "user", "content": "count me"}]}
+    lock = threading.Lock()
+    counts = {"admitted": 0, "limited": 0, "failed": {}}
+    t0 = time.perf_counter()
+
+    def worker(k):
+        i = k
+        while time.perf_counter() - t0 < secs:
+            url = urls[i % len(urls)]
+            i += 1
+            try:
+                s, _ = call(url, "POST", "/v1/chat/completions", body, token=tok, timeout=10)
+                key = s
+            except (OSError, http.client.HTTPException) as e:
+                s, key = None, type(e).__name__
+            with lock:
+                if s == 200:
+                    counts["admitted"] += 1
+                elif s == 429:
+                    counts["limited"] += 1
+                else:
+                    counts["failed"][str(key)] = counts["failed"].get(str(key), 0) + 1
+            if s != 200 and s != 429:
+                time.sleep(0.02)  # a node that is down: don't spin on refused connections
+
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    took = time.perf_counter() - t0
+    allowed = rpm + rpm / 60.0 * took  # a full bucket plus its refill over the run
+    over = counts["admitted"] - allowed
+    print(f"{label}: {took:.1f} s, admitted {counts['admitted']} of at most {allowed:.0f} "
+          f"({rpm}/min, full at the start) → over-admitted {max(over, 0):.0f} "
+          f"({max(over, 0) / rpm * 100:.0f}% of one minute's limit); limited {counts['limited']}, "
+          f"failed {counts['failed'] or 'none'}")
+
+
 def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "setup":
@@ -466,6 +522,8 @@ def main():
         cmd_oha_merge(*args)
     elif cmd == "mem":
         cmd_mem(*args)
+    elif cmd == "handoff":
+        cmd_handoff(*args)
     else:
         raise SystemExit(__doc__)
 

@@ -3,17 +3,20 @@
 //! - Users whose home moved to another node are passivated here: their session flushes what it
 //!   holds and stops, and the new home rebuilds it from the store on the next request. A session
 //!   with a turn still running is left alone until the turn ends — the turn finishes where it
-//!   started — and tried again every second.
+//!   started — and tried again every second. Their per-minute buckets go to the new home at
+//!   once (it adds them to its own), so moving does not refill a user's limits.
 //! - A node that vanished (dead, or gone after leaving) leaves `streaming` messages behind: they
 //!   are settled as `interrupted` with whatever text was stored. Their quota reservations lived
-//!   in the dead node's memory and are gone with it; per-user limits restart on the new home.
+//!   in the dead node's memory and are gone with it; its users' per-minute buckets restart full
+//!   on their new home (the one case a move refills them).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chorus_actors::session::Passivation;
 use chorus_actors::store::MessageStatus;
+use uuid::Uuid;
 
 use crate::app::AppState;
 
@@ -22,6 +25,7 @@ pub fn spawn(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut changes = state.cluster.changes();
         let mut members: HashSet<String> = member_names(&state);
+        let mut handed = HashMap::new();
         let mut retry = tokio::time::interval(Duration::from_secs(1));
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -35,9 +39,9 @@ pub fn spawn(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
                         reap(&state, gone).await;
                     }
                     members = now;
-                    passivate_moved(&state).await;
+                    passivate_moved(&state, &mut handed).await;
                 }
-                _ = retry.tick() => passivate_moved(&state).await,
+                _ = retry.tick() => passivate_moved(&state, &mut handed).await,
             }
         }
     })
@@ -70,14 +74,22 @@ async fn reap(state: &AppState, node: &str) {
     }
 }
 
-/// Passivates the sessions of users no longer homed here.
-async fn passivate_moved(state: &AppState) {
+/// Hands the per-minute limits of users no longer homed here to their new home (once per
+/// move: `handed` remembers where each went) and passivates their sessions.
+async fn passivate_moved(state: &AppState, handed: &mut HashMap<Uuid, String>) {
     let sessions = &state.sessions;
     let view = state.cluster.view();
     let local = view.local.as_str();
-    for user in sessions.live_users() {
-        if view.ring.home(user).is_none_or(|home| home == local) {
+    let live = sessions.live_users();
+    handed.retain(|user, _| live.contains(user));
+    for user in live {
+        let Some(home) = view.ring.home(user).filter(|home| *home != local) else {
+            handed.remove(&user);
             continue;
+        };
+        if handed.get(&user).map(String::as_str) != Some(home) {
+            state.homes.hand_over_limits(user);
+            handed.insert(user, home.to_owned());
         }
         match sessions.passivate(user).await {
             Ok(Passivation::Stopped) => {

@@ -9,7 +9,7 @@ use chorus_actors::session::retrieval::SearchResults;
 use chorus_actors::session::turn::FirstOutcome;
 use chorus_actors::session::{
     NewThread, ProfilePatch, Reservation, SearchQuery, SendMessage, SessionError, ThreadPatch,
-    TierRoleChange,
+    TierRoleChange, UsedLimits,
 };
 use chorus_actors::store::{
     ApiKey, Document, Message, ProviderKey, StoreError, Summary, Thread, User,
@@ -219,6 +219,8 @@ pub enum Cast {
     End { id: u64 },
     /// The sender is leaving the cluster: take it out of the ring now.
     Leaving { name: String },
+    /// The user's home moved to the receiver: what the sender's per-minute buckets held.
+    Limits { user: Uuid, used: UsedLimits },
 }
 
 /// [`SessionError`] as it crosses the wire.
@@ -424,6 +426,28 @@ mod tests {
         assert_eq!(patch.title, Some(None));
         assert_eq!(patch.system_prompt, Some(Some("be brief".into())));
         assert_eq!(patch.bookmarked, Some(true));
+    }
+
+    #[test]
+    fn used_limits_round_trip() {
+        let used = UsedLimits {
+            requests: Some((chorus_actors::quota::BucketSpec::per_minute(7), 4.5)),
+            tokens: None,
+        };
+        let user = Uuid::now_v7();
+        let bytes = encode(&Cast::Limits {
+            user,
+            used: used.clone(),
+        })
+        .unwrap();
+        let Cast::Limits {
+            user: back,
+            used: got,
+        } = decode::<Cast>(&bytes).unwrap()
+        else {
+            panic!("wrong variant");
+        };
+        assert_eq!((back, got), (user, used));
     }
 
     #[test]

@@ -389,6 +389,29 @@ impl Homes {
         }
     }
 
+    /// Hands the user's per-minute buckets from this node to its home, after the home moved
+    /// away from here: the new home adds them to its own, so a move does not refill them.
+    pub fn hand_over_limits(&self, user: Uuid) {
+        let Ok(Route::Remote { node, refs }) = self.route(user) else {
+            return;
+        };
+        let used = self.sessions.take_used_limits(user);
+        if used.is_empty() {
+            return;
+        }
+        self.cast_to_router(node, &refs.router, Cast::Limits { user, used });
+    }
+
+    /// Casts to a home's router; a stale reference (see `call`) is looked up again, in the
+    /// background.
+    fn cast_to_router(&self, node: String, router: &ActorRef<PeerMessage>, cast: Cast) {
+        if !relay::send(router, &cast) {
+            let view = self.view.clone();
+            let resolve: relay::PeerResolver = Arc::new(move || router_in(view.as_ref()?, &node));
+            relay::send_soon(&resolve, cast);
+        }
+    }
+
     /// Settles a reservation at the user's home (a message; nothing to wait for).
     pub async fn settle(
         &self,
@@ -405,13 +428,7 @@ impl Homes {
                     used_tokens,
                     cost_usd,
                 };
-                if !relay::send(&refs.router, &cast) {
-                    // A stale reference (see `call`): look the router up again, in the background.
-                    let (view, home) = (self.view.clone(), node.clone());
-                    let resolve: relay::PeerResolver =
-                        Arc::new(move || router_in(view.as_ref()?, &home));
-                    relay::send_soon(&resolve, cast);
-                }
+                self.cast_to_router(node, &refs.router, cast);
             }
             // Settled where it was admitted when the home is here (or unknown right now: the
             // reservation refills on its own at worst).
@@ -920,6 +937,7 @@ impl Inbox for Dispatcher {
                         .await
                 });
             }
+            Cast::Limits { user, used } => self.sessions.absorb_used_limits(user, &used),
             Cast::Leaving { name } => {
                 if let Some(membership) = self.membership.get() {
                     let _ = membership.cast(MembershipMessage::PeerLeaving(name));

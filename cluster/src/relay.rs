@@ -235,7 +235,7 @@ impl Relay {
                     pump.task.abort();
                 }
             }
-            Cast::Settle { .. } | Cast::Leaving { .. } => {}
+            Cast::Settle { .. } | Cast::Leaving { .. } | Cast::Limits { .. } => {}
         }
     }
 }

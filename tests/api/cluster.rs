@@ -162,6 +162,46 @@ impl TestCluster {
             - 1
     }
 
+    /// A new user whose home is `node` (registered through the first node).
+    async fn user_homed_on(&self, admin: &Session, node: &str) -> Session {
+        loop {
+            let user = self.nodes[0].register_user().await;
+            if self.home_of(admin, 0, &user).await == node {
+                return user;
+            }
+        }
+    }
+
+    /// Sends `n` non-streaming messages through the given nodes in turn; answers how many were
+    /// admitted and how many limited (429 with `Retry-After`).
+    async fn count_admitted(
+        &self,
+        through: &[usize],
+        user: &Session,
+        thread: &str,
+        n: usize,
+    ) -> (u32, u32) {
+        let (mut admitted, mut limited) = (0, 0);
+        for i in 0..n {
+            let response = self.nodes[through[i % through.len()]]
+                .post_message(
+                    user.token(),
+                    thread,
+                    &json!({ "content": "count me", "model": "mock-echo", "stream": false }),
+                )
+                .await;
+            match response.status() {
+                StatusCode::OK => admitted += 1,
+                StatusCode::TOO_MANY_REQUESTS => {
+                    assert!(response.headers().contains_key("retry-after"));
+                    limited += 1;
+                }
+                other => panic!("unexpected {other}: {}", response.text().await.unwrap()),
+            }
+        }
+        (admitted, limited)
+    }
+
     async fn live_sessions(&self, node: usize) -> u64 {
         let ready = body_json(self.nodes[node].get_anon("/readyz").await).await;
         ready["sessions"].as_u64().unwrap_or(0)
@@ -303,26 +343,48 @@ async fn a_per_user_limit_spread_over_three_nodes_admits_exactly_n() {
             .create_thread(user.token(), &json!({}))
             .await,
     );
-    let mut admitted = 0;
-    let mut limited = 0;
-    for i in 0..15 {
-        let response = cluster.nodes[i % 3]
-            .post_message(
-                user.token(),
-                &thread,
-                &json!({ "content": "count me", "model": "mock-echo", "stream": false }),
-            )
-            .await;
-        match response.status() {
-            StatusCode::OK => admitted += 1,
-            StatusCode::TOO_MANY_REQUESTS => {
-                assert!(response.headers().contains_key("retry-after"));
-                limited += 1;
-            }
-            other => panic!("unexpected {other}: {}", response.text().await.unwrap()),
-        }
-    }
-    assert_eq!((admitted, limited), (7, 8));
+    assert_eq!(
+        cluster.count_admitted(&[0, 1, 2], &user, &thread, 15).await,
+        (7, 8)
+    );
+}
+
+#[tokio::test]
+async fn a_per_user_limit_moves_with_its_user_to_a_new_home() {
+    let mut cluster = TestCluster::start(
+        3,
+        Options {
+            tiers: TIGHT_TIERS,
+            ..Options::default()
+        },
+    )
+    .await;
+    let admin = cluster.admin().await;
+    cluster.converge(&admin, &[0, 1, 2]).await;
+    let user = cluster.user_homed_on(&admin, "node-3").await;
+    let thread = id_of(
+        &cluster.nodes[0]
+            .create_thread(user.token(), &json!({}))
+            .await,
+    );
+    // 5 of the 7 a minute are used while node-3 is away (on node-1 or node-2)...
+    let status = cluster.nodes[2].stop_gracefully().await;
+    assert!(status.success(), "{status}");
+    cluster.converge(&admin, &[0, 1]).await;
+    assert_ne!(cluster.home_of(&admin, 0, &user).await, "node-3");
+    assert_eq!(
+        cluster.count_admitted(&[0, 1], &user, &thread, 5).await,
+        (5, 0)
+    );
+
+    // ...and node-3, back, is the user's home again: it admits only the 2 left.
+    cluster.nodes[2].start().await;
+    cluster.converge(&admin, &[0, 1, 2]).await;
+    assert_eq!(cluster.home_of(&admin, 0, &user).await, "node-3");
+    assert_eq!(
+        cluster.count_admitted(&[0, 1, 2], &user, &thread, 9).await,
+        (2, 7)
+    );
 }
 
 #[tokio::test]
@@ -332,12 +394,7 @@ async fn a_killed_node_is_removed_its_turn_ends_interrupted_and_its_users_rehome
     cluster.converge(&admin, &[0, 1, 2]).await;
 
     // A user homed on node-3, streaming through node-1.
-    let user = loop {
-        let user = cluster.nodes[0].register_user().await;
-        if cluster.home_of(&admin, 0, &user).await == "node-3" {
-            break user;
-        }
-    };
+    let user = cluster.user_homed_on(&admin, "node-3").await;
     let thread = id_of(
         &cluster.nodes[0]
             .create_thread(user.token(), &json!({}))
@@ -409,12 +466,7 @@ async fn a_turn_running_when_its_users_home_moves_finishes_there_and_stays_reach
     let admin = cluster.admin().await;
     cluster.converge(&admin, &[0, 1, 2]).await;
     // A user homed on node-3; while node-3 is away, on node-1 or node-2.
-    let user = loop {
-        let user = cluster.nodes[0].register_user().await;
-        if cluster.home_of(&admin, 0, &user).await == "node-3" {
-            break user;
-        }
-    };
+    let user = cluster.user_homed_on(&admin, "node-3").await;
     let status = cluster.nodes[2].stop_gracefully().await;
     assert!(status.success(), "{status}");
     cluster.converge(&admin, &[0, 1]).await;

@@ -99,6 +99,27 @@ impl LocalBuckets {
         self.peek_at(key, spec, Instant::now())
     }
 
+    /// Removes `key` and answers how far below full it was (its spec and the deficit), or
+    /// `None` when it was full. With [`LocalBuckets::absorb_now`] on another node, a bucket
+    /// moves with its key when the key's owner moves (cluster hand-off).
+    pub fn take_deficit_now(&self, key: &str) -> Option<(BucketSpec, f64)> {
+        let now = Instant::now();
+        let bucket = self.shard(key).buckets.remove(key)?;
+        let deficit = bucket.spec.capacity as f64 - bucket.level_at(now);
+        (deficit > 0.0).then_some((bucket.spec, deficit))
+    }
+
+    /// Lowers `key` by a deficit taken elsewhere (see `take_deficit_now`): what both used adds up.
+    pub fn absorb_now(&self, key: &str, spec: BucketSpec, deficit: f64) {
+        if !deficit.is_finite() || deficit <= 0.0 {
+            return;
+        }
+        let now = Instant::now();
+        let mut shard = self.shard(key);
+        let level = current(&shard, key, spec, now) - deficit;
+        store(&mut shard, key, spec, level, now);
+    }
+
     fn shard(&self, key: &str) -> MutexGuard<'_, Shard> {
         let mut hasher = DefaultHasher::new();
         key.hash(&mut hasher);
@@ -215,6 +236,28 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn a_deficit_moves_to_another_set_of_buckets() {
+        let spec = BucketSpec::per_minute(10);
+        let (old, new) = (LocalBuckets::new(), LocalBuckets::new());
+        for _ in 0..6 {
+            assert!(old.take_now("u:rpm", spec, 1).allowed);
+        }
+        assert!(new.take_now("u:rpm", spec, 1).allowed);
+        let (moved_spec, deficit) = old.take_deficit_now("u:rpm").unwrap();
+        assert_eq!(moved_spec, spec);
+        assert!((5.9..=6.0).contains(&deficit), "{deficit}");
+        // Gone from the old node: moving it again moves nothing.
+        assert!(old.take_deficit_now("u:rpm").is_none());
+        new.absorb_now("u:rpm", moved_spec, deficit);
+        // 10 - 6 - 1 = 3 left.
+        for _ in 0..3 {
+            assert!(new.take_now("u:rpm", spec, 1).allowed);
+        }
+        assert!(!new.take_now("u:rpm", spec, 1).allowed);
+        assert!(LocalBuckets::new().take_deficit_now("nobody").is_none());
+    }
 
     #[test]
     fn takes_all_or_nothing_and_refills() {

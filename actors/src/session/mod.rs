@@ -38,7 +38,7 @@ pub use supervisor::{SessionSupervisor, SessionSupervisorArgs, SessionSupervisor
 pub use user_session::{LiveTurns, UserSession, UserSessionMessage, usage_period};
 
 use crate::provider::{KeyOpener, ProviderError};
-pub use quota::Reservation;
+pub use quota::{Reservation, UsedLimits};
 
 use crate::quota::tiers::Tiers;
 use crate::quota::{Admission, Clock, LocalBuckets};
@@ -265,6 +265,7 @@ pub struct Sessions {
     live: LiveSessions,
     call_timeout: Duration,
     turn_counter: TurnCounter,
+    user_buckets: Arc<LocalBuckets>,
 }
 
 impl Sessions {
@@ -278,7 +279,18 @@ impl Sessions {
             live,
             call_timeout: config.call_timeout,
             turn_counter: config.turn_counter.clone(),
+            user_buckets: config.user_buckets.clone(),
         }
+    }
+
+    /// Takes the user's per-minute buckets out of this node, for its new home (hand-off).
+    pub fn take_used_limits(&self, user_id: Uuid) -> UsedLimits {
+        UsedLimits::take(&self.user_buckets, user_id)
+    }
+
+    /// Adds what the user's previous home used of its per-minute limits.
+    pub fn absorb_used_limits(&self, user_id: Uuid, used: &UsedLimits) {
+        used.absorb_into(&self.user_buckets, user_id);
     }
 
     /// Number of sessions currently alive on this node.

@@ -69,6 +69,38 @@ pub struct Quotas {
     pub buckets: Arc<LocalBuckets>,
 }
 
+/// How far a user's per-minute buckets are used on this node, to move with the user when its
+/// home moves (cluster hand-off): the new home absorbs it, so a move does not refill them.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct UsedLimits {
+    pub requests: Option<(BucketSpec, f64)>,
+    pub tokens: Option<(BucketSpec, f64)>,
+}
+
+impl UsedLimits {
+    pub fn is_empty(&self) -> bool {
+        self.requests.is_none() && self.tokens.is_none()
+    }
+
+    /// Takes the user's buckets out of `buckets` (they are the new home's from now on).
+    pub fn take(buckets: &LocalBuckets, user_id: Uuid) -> UsedLimits {
+        UsedLimits {
+            requests: buckets.take_deficit_now(&rpm_key(user_id)),
+            tokens: buckets.take_deficit_now(&tpm_key(user_id)),
+        }
+    }
+
+    /// Adds what the previous home used to the user's buckets here.
+    pub fn absorb_into(&self, buckets: &LocalBuckets, user_id: Uuid) {
+        if let Some((spec, deficit)) = self.requests {
+            buckets.absorb_now(&rpm_key(user_id), spec, deficit);
+        }
+        if let Some((spec, deficit)) = self.tokens {
+            buckets.absorb_now(&tpm_key(user_id), spec, deficit);
+        }
+    }
+}
+
 fn rpm_key(user_id: Uuid) -> String {
     format!("{user_id}:rpm")
 }
