@@ -165,6 +165,10 @@ pub struct RawCluster {
     pub listen: String,
     pub advertise: String,
     pub cookie: Secret,
+    /// PEM files of mutual TLS between nodes: all three, or none (plain TCP).
+    pub tls_cert: String,
+    pub tls_key: String,
+    pub tls_ca: String,
     pub seeds: Vec<String>,
     pub seed_dns: String,
     pub dns_refresh_secs: u64,
@@ -716,6 +720,30 @@ fn validate_cluster(
         return Err(invalid("cluster.vnodes", "must be within 1..=4096"));
     }
     let non_empty = |s: &str| (!s.trim().is_empty()).then(|| s.trim().to_owned());
+    let tls_files = [
+        ("cluster.tls_cert", non_empty(&raw.tls_cert)),
+        ("cluster.tls_key", non_empty(&raw.tls_key)),
+        ("cluster.tls_ca", non_empty(&raw.tls_ca)),
+    ];
+    let tls = match tls_files {
+        [(_, None), (_, None), (_, None)] => None,
+        [(_, Some(cert)), (_, Some(key)), (_, Some(ca))] => Some(chorus_cluster::ClusterTls {
+            cert: PathBuf::from(cert),
+            key: PathBuf::from(key),
+            ca: PathBuf::from(ca),
+        }),
+        partial => {
+            let missing = partial
+                .iter()
+                .find(|(_, value)| value.is_none())
+                .map_or("cluster.tls_cert", |(key, _)| key);
+            return Err(invalid(
+                missing,
+                "mutual TLS between nodes needs all of cluster.tls_cert, cluster.tls_key and \
+                 cluster.tls_ca (or none of them, for plain TCP)",
+            ));
+        }
+    };
     Ok(Some(ClusterSettings {
         cluster: chorus_cluster::ClusterConfig {
             node_name: node_name.to_owned(),
@@ -729,6 +757,7 @@ fn validate_cluster(
             heartbeat_timeout: Duration::from_millis(raw.heartbeat_timeout_ms),
             call_timeout: Duration::from_millis(raw.call_timeout_ms),
             vnodes: raw.vnodes,
+            tls,
         },
         leave_drain: Duration::from_millis(raw.leave_drain_ms),
         leave_deadline: Duration::from_secs(raw.leave_deadline_secs),
@@ -1455,6 +1484,44 @@ mod tests {
             env(&[("CHORUS__DOCUMENTS__CHUNK_OVERLAP_TOKENS", "300")]),
         );
         assert!(error_text(overlap).contains("documents.chunk_overlap_tokens"));
+    }
+
+    #[test]
+    fn cluster_tls_takes_all_three_files_or_none() {
+        let clustered = [
+            ("CHORUS__CLUSTER__LISTEN", "127.0.0.1:7946"),
+            ("CHORUS__CLUSTER__COOKIE", "a-cookie-of-16-chars+"),
+        ];
+        let config = Config::load(None, env(&clustered)).unwrap();
+        assert_eq!(config.cluster.as_ref().unwrap().cluster.tls, None);
+        let mut all = clustered.to_vec();
+        all.extend([
+            ("CHORUS__CLUSTER__TLS_CERT", "/etc/chorus/node.crt"),
+            ("CHORUS__CLUSTER__TLS_KEY", "/etc/chorus/node.key"),
+            ("CHORUS__CLUSTER__TLS_CA", "/etc/chorus/ca.crt"),
+        ]);
+        let config = Config::load(None, env(&all)).unwrap();
+        let cluster = &config.cluster.as_ref().unwrap().cluster;
+        assert_eq!(
+            cluster.tls,
+            Some(chorus_cluster::ClusterTls {
+                cert: "/etc/chorus/node.crt".into(),
+                key: "/etc/chorus/node.key".into(),
+                ca: "/etc/chorus/ca.crt".into(),
+            })
+        );
+        let printed = format!("{cluster:?}");
+        assert!(printed.contains("/etc/chorus/node.key"), "{printed}");
+        assert!(!printed.contains("a-cookie-of-16-chars+"), "{printed}");
+
+        let mut no_ca = all.clone();
+        no_ca.retain(|(k, _)| *k != "CHORUS__CLUSTER__TLS_CA");
+        let text = error_text(Config::load(None, env(&no_ca)));
+        assert!(text.contains("`cluster.tls_ca`"), "{text}");
+        let mut cert_only = clustered.to_vec();
+        cert_only.push(("CHORUS__CLUSTER__TLS_CERT", "/etc/chorus/node.crt"));
+        let text = error_text(Config::load(None, env(&cert_only)));
+        assert!(text.contains("`cluster.tls_key`"), "{text}");
     }
 
     #[test]

@@ -74,7 +74,7 @@ pub struct Metrics {
     /// state (`alive`, `suspected`, `leaving`).
     pub cluster_members: GaugeFamily<1>,
     /// `cluster_node_events_total{event}`: membership changes seen (`joined`, `suspected`,
-    /// `leaving`, `left`, `dead`, `auth_failed`).
+    /// `leaving`, `left`, `dead`, `auth_failed`, `tls_failed`).
     pub cluster_node_events_total: CounterFamily<1>,
     /// `cluster_remote_calls_total{outcome}`: user-scoped calls sent to another node's home
     /// session (`ok`, `timeout`, `unreachable`).

@@ -3,6 +3,7 @@
 //! ```text
 //! ClusterSupervisor (this crate's Cluster handle)
 //! ├─ NodeServer (ractor_cluster)   authenticated node sessions, process groups
+//! │  └─ (with TLS) tls::serve      the cluster port: mutual TLS handshakes, then node sessions
 //! ├─ Membership                    seeds/DNS, reconnect, heartbeats, versioned view + ring
 //! ├─ Router  (remote-capable)      user-scoped calls for users homed here, heartbeats
 //! └─ Relay   (remote-capable)      turn events to edges on other nodes, with credits
@@ -17,21 +18,23 @@ pub mod membership;
 pub mod peer;
 pub mod relay;
 pub mod ring;
+pub mod tls;
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use chorus_actors::session::Sessions;
 use ractor::{Actor, ActorRef};
 use ractor_cluster::node::NodeConnectionMode;
-use ractor_cluster::{NodeServer, NodeServerMessage};
+use ractor_cluster::{IncomingEncryptionMode, NodeServer, NodeServerMessage};
 use tokio::sync::watch;
 use uuid::Uuid;
 
 pub use homes::{EventStream, HomeTurn, Homes, Subscription, turn_events};
 pub use membership::{MemberState, MemberView, MembershipConfig, View};
+pub use tls::{ClusterTls, TlsError};
 
 use homes::Dispatcher;
 use membership::{Membership, MembershipArgs, MembershipMessage, SessionEvents, SharedView};
@@ -77,6 +80,8 @@ pub struct ClusterConfig {
     /// Upper bound of one call to a remote home.
     pub call_timeout: Duration,
     pub vnodes: usize,
+    /// Mutual TLS between nodes; `None`: plain TCP (the cookie still authenticates).
+    pub tls: Option<ClusterTls>,
 }
 
 impl fmt::Debug for ClusterConfig {
@@ -88,6 +93,7 @@ impl fmt::Debug for ClusterConfig {
             .field("cookie", &"<redacted>")
             .field("seeds", &self.seeds)
             .field("seed_dns", &self.seed_dns)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -96,6 +102,14 @@ impl fmt::Debug for ClusterConfig {
 pub enum ClusterError {
     #[error("starting the cluster: {0}")]
     Start(String),
+    #[error("loading the cluster's TLS files")]
+    Tls(#[from] TlsError),
+}
+
+async fn bind_cluster_port(listen: SocketAddr) -> Result<tokio::net::TcpListener, ClusterError> {
+    tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| ClusterError::Start(format!("binding the cluster port {listen}: {e}")))
 }
 
 /// This node's part of the cluster. Cheap to clone.
@@ -113,6 +127,8 @@ struct Running {
     node_server: ActorRef<NodeServerMessage>,
     membership: ActorRef<MembershipMessage>,
     endpoints: Vec<ActorRef<PeerMessage>>,
+    /// The TLS accept loop on the cluster port (with TLS only).
+    tls_listener: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Cluster {
@@ -160,20 +176,44 @@ impl Cluster {
         let (changes_tx, changes) = watch::channel(initial);
         let relay = Arc::new(Relay::new(local.as_str().to_owned()));
 
+        let tls = config.tls.as_ref().map(tls::Tls::load).transpose()?;
+        // Without TLS the node server listens on the cluster port itself. With TLS, `tls::serve`
+        // does (see `tls` for why), and the node server's own listener, which cannot be turned
+        // off, sits on an ephemeral loopback port behind the same mutual-TLS acceptor.
+        let (port, listen_ip, encryption) = match &tls {
+            None => (config.listen.port(), config.listen.ip(), None),
+            Some(tls) => (
+                0,
+                Ipv4Addr::LOCALHOST.into(),
+                Some(IncomingEncryptionMode::Tls(tls.acceptor.clone())),
+            ),
+        };
+        let tls_port = match &tls {
+            None => None,
+            Some(_) => Some(bind_cluster_port(config.listen).await?),
+        };
         let server = NodeServer::new(
-            config.listen.port(),
+            port,
             config.cookie.clone(),
             local.as_str().to_owned(),
             advertise
                 .rsplit_once(':')
                 .map_or(advertise.clone(), |(host, _)| host.to_owned()),
-            None,
+            encryption,
             Some(NodeConnectionMode::Isolated),
         )
-        .with_listen_addr(config.listen.ip());
+        .with_listen_addr(listen_ip);
         let (node_server, _) = Actor::spawn(None, server, ())
             .await
             .map_err(|e| ClusterError::Start(format!("node server: {e}")))?;
+        let tls_listener = match (&tls, tls_port) {
+            (Some(tls), Some(listener)) => Some(tokio::spawn(tls::serve(
+                listener,
+                tls.acceptor.clone(),
+                node_server.clone(),
+            ))),
+            _ => None,
+        };
 
         let dispatcher = Arc::new(Dispatcher {
             sessions: sessions.clone(),
@@ -212,6 +252,7 @@ impl Cluster {
                 view: view.clone(),
                 changes: changes_tx,
                 relay: relay.clone(),
+                tls,
             },
         )
         .await
@@ -228,6 +269,7 @@ impl Cluster {
             listen = %config.listen,
             seeds = ?config.seeds,
             seed_dns = ?config.seed_dns,
+            tls = config.tls.is_some(),
             "cluster node started"
         );
         Ok(Cluster {
@@ -247,6 +289,7 @@ impl Cluster {
                 node_server,
                 membership,
                 endpoints,
+                tls_listener,
             })),
         })
     }
@@ -300,6 +343,9 @@ impl Cluster {
     /// Stops the cluster actors (after [`Cluster::leave`] and draining).
     pub async fn stop(&self) {
         if let Some(running) = &self.running {
+            if let Some(listener) = &running.tls_listener {
+                listener.abort();
+            }
             running.membership.stop(None);
             for endpoint in &running.endpoints {
                 endpoint.stop(None);

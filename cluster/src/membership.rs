@@ -25,6 +25,7 @@ use crate::codec::{self, AnnouncedState, Cast, Heartbeat, Reply, Request};
 use crate::peer::{PeerMessage, RELAY_GROUP, ROUTER_GROUP};
 use crate::relay::Relay;
 use crate::ring::Ring;
+use crate::tls::{self, Tls};
 
 /// Settings of membership (from `[cluster]`).
 #[derive(Debug, Clone)]
@@ -172,6 +173,8 @@ pub(crate) struct MembershipArgs {
     pub view: SharedView,
     pub changes: watch::Sender<Arc<View>>,
     pub relay: Arc<Relay>,
+    /// Outgoing connections use mutual TLS when set.
+    pub tls: Option<Tls>,
 }
 
 struct Peer {
@@ -311,7 +314,7 @@ impl Actor for Membership {
     }
 }
 
-fn node_event(event: &str) {
+pub(crate) fn node_event(event: &str) {
     chorus_actors::metrics::metrics()
         .cluster_node_events_total
         .inc([event]);
@@ -480,8 +483,8 @@ impl MembershipState {
             tracing::warn!(
                 peer = %addr,
                 peer_name = name.as_deref().unwrap_or("unknown"),
-                "cluster connection refused: the peer did not authenticate (wrong cookie, or \
-                 not a chorus node)"
+                "cluster connection refused: the peer did not authenticate (wrong cookie, our \
+                 certificate refused by its TLS, or not a chorus node)"
             );
             node_event("auth_failed");
         }
@@ -582,9 +585,25 @@ impl MembershipState {
             target.backoff = (target.backoff * 2).min(BACKOFF_MAX);
             let server = self.args.node_server.clone();
             let addr = addr.clone();
+            let tls = self.args.tls.clone();
             tokio::spawn(async move {
-                if let Err(e) = ractor_cluster::client_connect(&server, addr.as_str()).await {
-                    tracing::debug!(peer = %addr, error = %e, "cluster connect failed; will retry");
+                let Some(tls) = tls else {
+                    if let Err(e) = ractor_cluster::client_connect(&server, addr.as_str()).await {
+                        tracing::debug!(peer = %addr, error = %e, "cluster connect failed; will retry");
+                    }
+                    return;
+                };
+                match tls::connect(&server, &addr, &tls).await {
+                    Ok(()) => {}
+                    // Refused here (the peer's certificate) or there (ours, or no TLS); the
+                    // peer logs its side too, with this connection's source address.
+                    Err(tls::ConnectError::Handshake(e)) => tls::refused(&addr, "outbound", &e),
+                    Err(tls::ConnectError::Name(e)) => {
+                        tracing::warn!(peer = %addr, error = %e, "cluster peer address has no TLS server name")
+                    }
+                    Err(e) => {
+                        tracing::debug!(peer = %addr, error = %e, "cluster connect failed; will retry")
+                    }
                 }
             });
         }

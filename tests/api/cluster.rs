@@ -9,30 +9,32 @@ use serde_json::{Value, json};
 
 use crate::helpers::*;
 
-const COOKIE: &str = "test-cluster-cookie-0123456789";
+pub(crate) const COOKIE: &str = "test-cluster-cookie-0123456789";
 /// Slow enough to kill its node mid-answer: 400 words, 50 ms apart.
 const CRAWL: &str = "test-crawl";
 /// 60 words, quickly: a streaming answer with many events.
-const CHATTY: &str = "test-chatty";
+pub(crate) const CHATTY: &str = "test-chatty";
 /// Long enough to move its user's home while it runs: 300 words, 40 ms apart.
 const WALK: &str = "test-walk";
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("finding a free port")
 }
 
-struct TestCluster {
-    nodes: Vec<TestApp>,
+pub(crate) struct TestCluster {
+    pub(crate) nodes: Vec<TestApp>,
     ports: Vec<u16>,
     _redis: RedisServer,
 }
 
-struct Options {
-    tiers: &'static str,
-    heartbeat_timeout_ms: u64,
+pub(crate) struct Options {
+    pub(crate) tiers: &'static str,
+    pub(crate) heartbeat_timeout_ms: u64,
+    /// Extra environment of node `i` (e.g. `[cluster]` TLS files), after the defaults.
+    pub(crate) node_env: Vec<Vec<(String, String)>>,
 }
 
 impl Default for Options {
@@ -40,6 +42,7 @@ impl Default for Options {
         Options {
             tiers: ROOMY_TIERS,
             heartbeat_timeout_ms: 1500,
+            node_env: Vec::new(),
         }
     }
 }
@@ -74,8 +77,16 @@ fn node_builder(
         .env("CHORUS__CLUSTER__LEAVE_DRAIN_MS", "600")
 }
 
+impl TestAppBuilder {
+    fn envs(self, pairs: &[(String, String)]) -> Self {
+        pairs
+            .iter()
+            .fold(self, |builder, (key, value)| builder.env(key, value))
+    }
+}
+
 impl TestCluster {
-    async fn start(n: usize, options: Options) -> TestCluster {
+    pub(crate) async fn start(n: usize, options: Options) -> TestCluster {
         let redis = RedisServer::start();
         let data_dir = Arc::new(tempfile::tempdir().expect("shared data dir"));
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
@@ -89,6 +100,7 @@ impl TestCluster {
                 &redis,
                 &options,
             )
+            .envs(options.node_env.get(i).map_or(&[], Vec::as_slice))
             .spawn()
             .await;
             nodes.push(node);
@@ -101,13 +113,13 @@ impl TestCluster {
     }
 
     /// An admin token (users and tokens are shared: one store, one JWT secret).
-    async fn admin(&self) -> Session {
+    pub(crate) async fn admin(&self) -> Session {
         self.nodes[0].register_admin().await
     }
 
     /// Waits until every running node listed in `alive` sees exactly those nodes alive and they
     /// agree on the view's digest; returns the views.
-    async fn converge(&self, admin: &Session, alive: &[usize]) -> Vec<Value> {
+    pub(crate) async fn converge(&self, admin: &Session, alive: &[usize]) -> Vec<Value> {
         let expected: Vec<String> = alive.iter().map(|i| format!("node-{}", i + 1)).collect();
         let started = Instant::now();
         loop {
@@ -145,7 +157,7 @@ impl TestCluster {
         }
     }
 
-    async fn home_of(&self, admin: &Session, node: usize, user: &Session) -> String {
+    pub(crate) async fn home_of(&self, admin: &Session, node: usize, user: &Session) -> String {
         let view = self.nodes[node]
             .get_ok(
                 &format!("/api/v1/admin/cluster?user={}", user.user_uuid()),
@@ -155,7 +167,7 @@ impl TestCluster {
         view["user"]["home"].as_str().expect("a home").to_owned()
     }
 
-    fn index_of(name: &str) -> usize {
+    pub(crate) fn index_of(name: &str) -> usize {
         name.trim_start_matches("node-")
             .parse::<usize>()
             .expect("node-N")

@@ -12,6 +12,7 @@ mod billing;
 mod chat;
 mod cli;
 mod cluster;
+mod cluster_tls;
 mod documents;
 mod edge;
 mod isolation;
