@@ -61,6 +61,15 @@ impl fmt::Display for NodeId {
     }
 }
 
+/// Relayed streams of a node, for the admin view.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayStats {
+    pub sending: usize,
+    /// Sent streams held back because the edge's client has not consumed its window.
+    pub sending_waiting_for_credit: usize,
+    pub receiving: usize,
+}
+
 /// `[cluster]` as the cluster takes it.
 #[derive(Clone)]
 pub struct ClusterConfig {
@@ -329,8 +338,12 @@ impl Cluster {
     }
 
     /// Relayed streams this node sends (as a home) and receives (as an edge).
-    pub fn relay_streams(&self) -> (usize, usize) {
-        (self.relay.pumps(), self.relay.inbound())
+    pub fn relay_stats(&self) -> RelayStats {
+        RelayStats {
+            sending: self.relay.pumps(),
+            sending_waiting_for_credit: self.relay.pumps_waiting_for_credit(),
+            receiving: self.relay.inbound(),
+        }
     }
 
     /// Starts leaving: peers take this node out of the ring now; it keeps serving what runs.

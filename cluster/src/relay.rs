@@ -210,6 +210,22 @@ impl Relay {
             .unwrap_or(0)
     }
 
+    /// Streams this node sends whose window is used up: the edge's client has not consumed what
+    /// was sent, so the pump waits for credit (flow control at work; the home's log keeps the
+    /// rest).
+    pub fn pumps_waiting_for_credit(&self) -> usize {
+        self.pumps
+            .lock()
+            .map(|p| {
+                p.values()
+                    .filter(|pump| {
+                        !pump.task.is_finished() && pump.credits.available_permits() == 0
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
     /// Streams this node is receiving.
     pub fn inbound(&self) -> usize {
         self.inbound.lock().map(|m| m.len()).unwrap_or(0)
@@ -412,5 +428,89 @@ impl Stream for InboundStream {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+
+    use std::time::Duration;
+
+    use chorus_actors::session::events::ThreadEvents;
+    use futures_util::StreamExt;
+    use ractor::Actor;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::peer::{Inbox, PeerEndpoint};
+
+    /// A node's relay endpoint, as the router/relay actors of a real node feed it.
+    struct RelayInbox(Arc<Relay>);
+
+    impl Inbox for RelayInbox {
+        fn call(
+            self: Arc<Self>,
+            _bytes: Vec<u8>,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<u8>> + Send>> {
+            Box::pin(async { Vec::new() })
+        }
+
+        fn cast(&self, bytes: Vec<u8>) {
+            self.0.on_cast(codec::decode::<Cast>(&bytes).unwrap());
+        }
+    }
+
+    async fn endpoint(relay: &Arc<Relay>, group: &'static str) -> PeerResolver {
+        let inbox: Arc<dyn Inbox> = Arc::new(RelayInbox(relay.clone()));
+        let (endpoint, _) = Actor::spawn(None, PeerEndpoint, (inbox, group))
+            .await
+            .unwrap();
+        Arc::new(move || Some(endpoint.clone()))
+    }
+
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_stops_holds_its_home_at_one_window_and_loses_nothing() {
+        let (home, edge) = (
+            Arc::new(Relay::new("home".into())),
+            Arc::new(Relay::new("edge".into())),
+        );
+        let to_home = endpoint(&home, "test.relay.home").await;
+        let to_edge = endpoint(&edge, "test.relay.edge").await;
+        let log = ThreadEvents::new(Uuid::now_v7());
+        let turn = Uuid::now_v7();
+        for i in 0..1_000 {
+            log.append(turn, "delta", &serde_json::json!({ "i": i }));
+        }
+
+        let window = 16;
+        let pending = edge.register("home", window);
+        home.start_pump(log.reader(0), pending.target(), to_edge);
+        let mut events = pending.open(to_home);
+        // Nothing read yet: the home sends one window and waits for credit.
+        until("the pump never waited for credit", || {
+            home.pumps_waiting_for_credit() == 1
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(home.pumps_waiting_for_credit(), 1);
+
+        // Reading releases it, window by window: every event, in order, exactly once.
+        for i in 0..1_000 {
+            let event = events.next().await.unwrap();
+            assert_eq!(event.data, format!("{{\"i\":{i}}}"));
+        }
+        assert_eq!(edge.inbound(), 1);
+        // Dropping the stream closes it at the home.
+        drop(events);
+        until("the pump did not stop", || home.pumps() == 0).await;
+        assert_eq!(edge.inbound(), 0);
     }
 }

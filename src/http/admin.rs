@@ -141,7 +141,7 @@ pub async fn cluster(ctx: Ctx) -> Result<Response, ApiError> {
             })
         })
         .collect();
-    let (sending, receiving) = cluster.relay_streams();
+    let relay = cluster.relay_stats();
     let mut body = json!({
         "node": cluster.local_node().as_str(),
         "clustered": cluster.is_clustered(),
@@ -153,7 +153,11 @@ pub async fn cluster(ctx: Ctx) -> Result<Response, ApiError> {
             "vnodes": view.ring.vnodes(),
             "digest": view.ring.digest(),
         },
-        "relay": { "sending": sending, "receiving": receiving },
+        "relay": {
+            "sending": relay.sending,
+            "sending_waiting_for_credit": relay.sending_waiting_for_credit,
+            "receiving": relay.receiving,
+        },
         "sessions_live": ctx.state.sessions.live_count(),
     });
     if let Some(user) = query.user {

@@ -16,6 +16,10 @@ const CRAWL: &str = "test-crawl";
 pub(crate) const CHATTY: &str = "test-chatty";
 /// Long enough to move its user's home while it runs: 300 words, 40 ms apart.
 const WALK: &str = "test-walk";
+/// A long answer at once: 1,000 words (the catalogue's output cap is 1,024), no delay — about
+/// two relay windows of events.
+const FLOOD: &str = "test-flood";
+const FLOOD_WORDS: usize = 1_000;
 
 pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -62,6 +66,11 @@ fn node_builder(
             TestModel::new(CRAWL, "mock", "lorem;words=400;delay_ms=50"),
             TestModel::new(CHATTY, "mock", "lorem;words=60;delay_ms=2"),
             TestModel::new(WALK, "mock", "lorem;words=300;delay_ms=40"),
+            TestModel::new(
+                FLOOD,
+                "mock",
+                &format!("lorem;words={FLOOD_WORDS};delay_ms=0"),
+            ),
         ]))
         .tiers_toml(options.tiers)
         .env("CHORUS__REDIS__URL", &redis.url())
@@ -359,6 +368,54 @@ async fn a_per_user_limit_spread_over_three_nodes_admits_exactly_n() {
         cluster.count_admitted(&[0, 1, 2], &user, &thread, 15).await,
         (7, 8)
     );
+}
+
+#[tokio::test]
+async fn a_client_reading_late_across_nodes_gets_every_event_of_a_long_answer() {
+    let cluster = TestCluster::start(2, Options::default()).await;
+    let admin = cluster.admin().await;
+    cluster.converge(&admin, &[0, 1]).await;
+    let user = cluster.user_homed_on(&admin, "node-2").await;
+    let thread = id_of(
+        &cluster.nodes[0]
+            .create_thread(user.token(), &json!({}))
+            .await,
+    );
+    // Streamed through node-1 to a client that reads nothing for now.
+    let response = cluster.nodes[0]
+        .post_message(
+            user.token(),
+            &thread,
+            &json!({ "content": "flood", "model": FLOOD }),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+
+    // The turn finishes at home at its own pace...
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let message_id = loop {
+        let messages = cluster.nodes[1]
+            .thread_messages(user.token(), &thread)
+            .await;
+        if let Some(done) = messages
+            .iter()
+            .find(|m| m["role"] == "assistant" && m["status"] == "complete")
+        {
+            break done["id"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the turn did not finish: {messages:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Once the client reads, every event arrives, in order. (The relay's credits hold a home
+    // back when the edge's client is slower than its socket buffers: see the relay's tests.)
+    let mut stream = sse_of(response).await;
+    let events = stream.until_done().await;
+    assert_contiguous(&events);
+    let text = delta_text(&events, Some(&message_id));
+    assert_eq!(text.split_whitespace().count(), FLOOD_WORDS);
 }
 
 #[tokio::test]
