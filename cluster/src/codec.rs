@@ -428,6 +428,62 @@ mod tests {
         assert_eq!(patch.bookmarked, Some(true));
     }
 
+    /// Domain types cross the wire inside `Value`s and turns; their serde attributes must suit a
+    /// format that is not self-describing (a `skip_serializing_if` shifts every later field).
+    #[test]
+    fn domain_values_with_unset_fields_round_trip() {
+        use chorus_actors::session::retrieval::Passage;
+        use chorus_actors::store::{ChunkPosition, Citation, contract};
+
+        let mut user = contract::user("wire@example.com");
+        user.settings.default_model = None;
+        let Value::User(back) =
+            decode::<Value>(&encode(&Value::User(user.clone())).unwrap()).unwrap()
+        else {
+            panic!("wrong variant");
+        };
+        assert_eq!(back, user);
+
+        let position = ChunkPosition {
+            page: None,
+            heading_path: vec![],
+            char_start: 3,
+            char_end: 9,
+        };
+        let results = SearchResults {
+            mode: "lexical".into(),
+            results: vec![Passage {
+                document_id: Uuid::now_v7(),
+                document_name: "notes.md".into(),
+                chunk: 0,
+                text: "some text".into(),
+                position: position.clone(),
+                score: 0.5,
+                bm25_rank: Some(1),
+                vector_rank: None,
+            }],
+        };
+        let Value::Search(back) =
+            decode::<Value>(&encode(&Value::Search(results)).unwrap()).unwrap()
+        else {
+            panic!("wrong variant");
+        };
+        assert_eq!(back.results[0].position, position);
+        assert_eq!(back.results[0].vector_rank, None);
+
+        let thread = contract::thread(user.id, 1);
+        let mut message = contract::message(&thread, 2, None);
+        message.citations = vec![Citation {
+            document_id: Uuid::now_v7(),
+            document_name: "notes.md".into(),
+            chunk: 1,
+            position,
+            text: "cited".into(),
+        }];
+        let back: Message = decode(&encode(&message).unwrap()).unwrap();
+        assert_eq!(back, message);
+    }
+
     #[test]
     fn used_limits_round_trip() {
         let used = UsedLimits {

@@ -31,9 +31,30 @@ pub struct UserView<'a> {
     pub display_name: Option<&'a str>,
     pub tier: &'a str,
     pub role: Role,
-    pub settings: &'a UserSettings,
+    pub settings: SettingsView<'a>,
     #[serde(serialize_with = "rfc3339")]
     pub created_at: DateTime<Utc>,
+}
+
+/// The settings a user has set (unset ones are left out: `{}` for a new account).
+#[derive(Serialize)]
+pub struct SettingsView<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_model: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system_prompt: Option<&'a str>,
+}
+
+impl<'a> From<&'a UserSettings> for SettingsView<'a> {
+    fn from(s: &'a UserSettings) -> Self {
+        SettingsView {
+            default_model: s.default_model.as_deref(),
+            temperature: s.temperature,
+            system_prompt: s.system_prompt.as_deref(),
+        }
+    }
 }
 
 impl<'a> From<&'a User> for UserView<'a> {
@@ -44,7 +65,7 @@ impl<'a> From<&'a User> for UserView<'a> {
             display_name: u.display_name.as_deref(),
             tier: &u.tier,
             role: u.role,
-            settings: &u.settings,
+            settings: SettingsView::from(&u.settings),
             created_at: u.created_at,
         }
     }

@@ -638,6 +638,40 @@ async fn a_turn_running_when_its_users_home_moves_finishes_there_and_stays_reach
 }
 
 #[tokio::test]
+async fn profile_changes_cross_nodes_also_to_a_crashed_and_restarted_home() {
+    let mut cluster = TestCluster::start(3, Options::default()).await;
+    let admin = cluster.admin().await;
+    cluster.converge(&admin, &[0, 1, 2]).await;
+    cluster.nodes[2].kill().await;
+    cluster.converge(&admin, &[0, 1]).await;
+    cluster.nodes[2].start().await;
+    cluster.converge(&admin, &[0, 1, 2]).await;
+    // Users homed on the restarted node are served through every node at once — also changes
+    // whose answer (the user, with unset settings) crosses the cluster.
+    let user = cluster.user_homed_on(&admin, "node-3").await;
+    for node in 0..3 {
+        let response = cluster.nodes[node]
+            .patch_json(
+                &format!("/api/v1/admin/users/{}", user.user_uuid()),
+                admin.token(),
+                &json!({ "tier": "free" }),
+            )
+            .await;
+        assert_eq!(
+            response.status(),
+            StatusCode::OK,
+            "through node-{}: {}",
+            node + 1,
+            response.text().await.unwrap()
+        );
+        let thread = cluster.nodes[node]
+            .create_thread(user.token(), &json!({}))
+            .await;
+        assert!(thread["id"].is_string(), "{thread}");
+    }
+}
+
+#[tokio::test]
 async fn a_rolling_restart_under_traffic_fails_no_request() {
     let mut cluster = TestCluster::start(3, Options::default()).await;
     let admin = cluster.admin().await;

@@ -70,13 +70,17 @@ impl Role {
 }
 
 /// Per-user preferences (`PATCH /api/v1/me`).
+///
+/// No `skip_serializing_if` here or in any type that crosses the cluster: bincode (the cluster
+/// codec) is not self-describing, so a skipped field shifts every field after it. The API view
+/// (`UserView`) leaves unset settings out instead.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct UserSettings {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub default_model: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub temperature: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub system_prompt: Option<String>,
 }
 
@@ -329,8 +333,9 @@ pub struct DocumentProgress {
 /// Where a chunk's text sits in the document's extracted text (stored as JSON).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkPosition {
-    /// 1-based page (PDF), when the format has pages.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// 1-based page (PDF), when the format has pages. (Never skipped when serializing: see
+    /// `UserSettings`.)
+    #[serde(default)]
     pub page: Option<u32>,
     /// The Markdown-style headings the chunk sits under, outermost first.
     #[serde(default)]
