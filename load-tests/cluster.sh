@@ -90,7 +90,7 @@ context_length = 8192
 input_per_mtok = 0.0
 output_per_mtok = 0.0
 capabilities = ["chat", "stream"]
-tiers = ["free"]
+tiers = ["free", "limited"]
 max_output_tokens = 1024
 [[models]]
 id = "bench-lorem"

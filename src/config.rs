@@ -174,6 +174,7 @@ pub struct RawCluster {
     pub dns_refresh_secs: u64,
     pub heartbeat_interval_ms: u64,
     pub heartbeat_timeout_ms: u64,
+    pub join_timeout_ms: u64,
     pub call_timeout_ms: u64,
     pub vnodes: usize,
     pub leave_drain_ms: u64,
@@ -703,6 +704,7 @@ fn validate_cluster(
     }
     for (key, value) in [
         ("cluster.heartbeat_interval_ms", raw.heartbeat_interval_ms),
+        ("cluster.join_timeout_ms", raw.join_timeout_ms),
         ("cluster.call_timeout_ms", raw.call_timeout_ms),
         ("cluster.dns_refresh_secs", raw.dns_refresh_secs),
     ] {
@@ -755,6 +757,7 @@ fn validate_cluster(
             dns_refresh: Duration::from_secs(raw.dns_refresh_secs),
             heartbeat_interval: Duration::from_millis(raw.heartbeat_interval_ms),
             heartbeat_timeout: Duration::from_millis(raw.heartbeat_timeout_ms),
+            join_timeout: Duration::from_millis(raw.join_timeout_ms),
             call_timeout: Duration::from_millis(raw.call_timeout_ms),
             vnodes: raw.vnodes,
             tls,

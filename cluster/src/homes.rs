@@ -70,6 +70,8 @@ pub struct Homes {
     view: Option<SharedView>,
     /// Where a thread's turn runs, when it is not the user's home (clustered only).
     store: Option<Arc<dyn Store>>,
+    /// Cleared while the node is joining: it is then no user's home (see `Cluster::is_joining`).
+    joined: Option<Arc<std::sync::atomic::AtomicBool>>,
     relay: Arc<Relay>,
     call_timeout: Duration,
     /// How long a home waits for a turn's first outcome before answering.
@@ -83,6 +85,7 @@ impl Homes {
             sessions,
             view: None,
             store: None,
+            joined: None,
             relay: Arc::new(Relay::new(String::new())),
             call_timeout: Duration::from_secs(10),
             first_wait,
@@ -92,6 +95,7 @@ impl Homes {
     pub(crate) fn clustered(
         sessions: Sessions,
         store: Arc<dyn Store>,
+        joined: Arc<std::sync::atomic::AtomicBool>,
         view: SharedView,
         relay: Arc<Relay>,
         call_timeout: Duration,
@@ -101,6 +105,7 @@ impl Homes {
             sessions,
             view: Some(view),
             store: Some(store),
+            joined: Some(joined),
             relay,
             call_timeout,
             first_wait,
@@ -127,6 +132,17 @@ impl Homes {
         let Some(shared) = &self.view else {
             return Ok(Route::Local);
         };
+        // A node that has not met its peers yet would take every user for its own, with fresh
+        // limits and no running turns: it serves no one until it has joined.
+        if self
+            .joined
+            .as_ref()
+            .is_some_and(|joined| !joined.load(std::sync::atomic::Ordering::Acquire))
+        {
+            return Err(SessionError::Unavailable(
+                "this node is joining the cluster".into(),
+            ));
+        }
         let view = shared
             .read()
             .map(|v| v.clone())

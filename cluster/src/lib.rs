@@ -22,6 +22,7 @@ pub mod tls;
 
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
@@ -61,6 +62,31 @@ impl fmt::Display for NodeId {
     }
 }
 
+/// Marks the node joined once a peer is a member, or when `timeout` passes without one (the
+/// first node of a new cluster).
+fn spawn_join_watch(
+    mut changes: watch::Receiver<Arc<View>>,
+    joined: Arc<AtomicBool>,
+    timeout: Duration,
+) {
+    tokio::spawn(async move {
+        let with_peer = async {
+            while changes.borrow_and_update().members.len() < 2 {
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        if tokio::time::timeout(timeout, with_peer).await.is_err() {
+            tracing::warn!(
+                timeout_ms = timeout.as_millis() as u64,
+                "no cluster peer answered in time: serving as a cluster of one"
+            );
+        }
+        joined.store(true, Ordering::Release);
+    });
+}
+
 /// Relayed streams of a node, for the admin view.
 #[derive(Debug, Clone, Copy)]
 pub struct RelayStats {
@@ -86,6 +112,8 @@ pub struct ClusterConfig {
     pub heartbeat_interval: Duration,
     /// A peer silent this long is dead (suspected after half of it).
     pub heartbeat_timeout: Duration,
+    /// Longest wait at start for a peer to answer before serving as a cluster of one.
+    pub join_timeout: Duration,
     /// Upper bound of one call to a remote home.
     pub call_timeout: Duration,
     pub vnodes: usize,
@@ -129,6 +157,9 @@ pub struct Cluster {
     changes: watch::Receiver<Arc<View>>,
     homes: Homes,
     relay: Arc<Relay>,
+    /// Set once this node has joined (a peer answered, or none did within the join timeout);
+    /// until then it is no user's home.
+    joined: Arc<AtomicBool>,
     running: Option<Arc<Running>>,
 }
 
@@ -152,6 +183,7 @@ impl Cluster {
             local,
             view: Arc::new(RwLock::new(view)),
             changes,
+            joined: Arc::new(AtomicBool::new(true)),
             running: None,
         }
     }
@@ -242,6 +274,7 @@ impl Cluster {
             .map_err(|e| ClusterError::Start(format!("{group}: {e}")))?;
             endpoints.push(endpoint);
         }
+        let own_addr = advertise.clone();
         let membership_config = MembershipConfig {
             local: local.clone(),
             advertise,
@@ -273,6 +306,17 @@ impl Cluster {
                 subscription: Box::new(SessionEvents(membership.clone())),
             })
             .map_err(|e| ClusterError::Start(format!("subscribing to node events: {e}")))?;
+        let joined = Arc::new(AtomicBool::new(false));
+        let has_seeds = config.seed_dns.is_some()
+            || config
+                .seeds
+                .iter()
+                .any(|seed| *seed != own_addr && *seed != config.listen.to_string());
+        if has_seeds {
+            spawn_join_watch(changes.clone(), joined.clone(), config.join_timeout);
+        } else {
+            joined.store(true, Ordering::Release);
+        }
         tracing::info!(
             node = %local,
             listen = %config.listen,
@@ -285,6 +329,7 @@ impl Cluster {
             homes: Homes::clustered(
                 sessions,
                 store,
+                joined.clone(),
                 view.clone(),
                 relay.clone(),
                 config.call_timeout,
@@ -294,6 +339,7 @@ impl Cluster {
             local,
             view,
             changes,
+            joined,
             running: Some(Arc::new(Running {
                 node_server,
                 membership,
@@ -327,6 +373,12 @@ impl Cluster {
     /// Announces every change of members or ring.
     pub fn changes(&self) -> watch::Receiver<Arc<View>> {
         self.changes.clone()
+    }
+
+    /// Whether this node is still joining (no peer answered yet, and the join timeout has not
+    /// passed): it is then no user's home, and not ready.
+    pub fn is_joining(&self) -> bool {
+        !self.joined.load(Ordering::Acquire)
     }
 
     /// Whether `user` is homed on this node now.

@@ -32,17 +32,20 @@ pub async fn readyz(ctx: Ctx) -> Result<Response, ApiError> {
         )),
         _ => None,
     };
-    // Clustered: the members this node counts. A node alone is still ready (it may be the
-    // first of a new cluster, or the last of an old one); the count tells operators.
+    // Clustered: the members this node counts. A node alone is still ready once it has joined
+    // (it may be the first of a new cluster, or the last of an old one); while joining it is no
+    // one's home yet, so not ready.
+    let joining = ctx.state.cluster.is_joining();
     let cluster = ctx.state.cluster.is_clustered().then(|| {
         let view = ctx.state.cluster.view();
         format!(
-            "{} members, ring version {}",
+            "{}{} members, ring version {}",
+            if joining { "joining: " } else { "" },
             view.members.len(),
             view.version
         )
     });
-    let ready = !draining && store == "ok";
+    let ready = !draining && !joining && store == "ok";
     let degraded = redis.as_deref().is_some_and(|r| r != "ok");
     let status = if ready {
         StatusCode::OK

@@ -792,6 +792,55 @@ async fn a_rolling_restart_under_traffic_fails_no_request() {
 }
 
 #[tokio::test]
+async fn a_starting_node_serves_no_user_until_it_has_joined() {
+    // Its only seed never answers: it waits for the join timeout, then starts a cluster alone.
+    let redis = RedisServer::start();
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let node = node_builder(
+        &dir,
+        "node-1",
+        free_port(),
+        &[free_port()],
+        &redis,
+        &Options::default(),
+    )
+    .env("CHORUS__CLUSTER__JOIN_TIMEOUT_MS", "3000")
+    .spawn()
+    .await;
+    let started = Instant::now();
+    let user = node.register_user().await;
+    let ready = node.get_anon("/readyz").await;
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = body_json(ready).await;
+    assert!(
+        body["checks"]["cluster"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("joining")),
+        "{body}"
+    );
+    // No user is served meanwhile: this node owns no one yet.
+    let response = node
+        .post_json("/api/v1/threads", Some(user.token()), &json!({}))
+        .await;
+    if started.elapsed() < Duration::from_millis(2500) {
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+    // Then it is ready, alone, and serves.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node.get_anon("/readyz").await.status() != StatusCode::OK {
+        assert!(Instant::now() < deadline, "never became ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(started.elapsed() >= Duration::from_millis(2500));
+    let thread = node.create_thread(user.token(), &json!({})).await;
+    assert!(thread["id"].is_string(), "{thread}");
+    node.wait_for_log(|line| {
+        log_message(line).is_some_and(|m| m.starts_with("no cluster peer answered in time"))
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_wrong_cookie_is_refused_and_logged() {
     let redis = RedisServer::start();
     let options = Options::default();
