@@ -133,8 +133,8 @@ def load(state_path):
 
 
 def cmd_wait_cluster(n, *urls, deadline=60.0, state_path=None):
-    """Waits until every node counts n alive members with one ring digest. Needs an admin: reads
-    $STATE if set, else only checks /readyz text."""
+    """Waits until every node counts n alive members with one ring digest and is ready (joined).
+    Needs an admin for the digests: reads $STATE if set, else only checks /readyz."""
     n = int(n)
     admin = load(state_path)["admin"] if state_path else None
     end = time.time() + deadline
@@ -146,15 +146,18 @@ def cmd_wait_cluster(n, *urls, deadline=60.0, state_path=None):
                 alive = [sum(1 for m in v["members"] if m["state"] == "alive") for v in views]
                 digests = {v["ring"]["digest"] for v in views}
                 last = (alive, len(digests))
-                if all(a == n for a in alive) and len(digests) == 1:
+                ready = all(call(u, "GET", "/readyz", timeout=2)[0] == 200 for u in urls)
+                if all(a == n for a in alive) and len(digests) == 1 and ready:
                     return True
             else:
                 texts = []
+                statuses = []
                 for u in urls:
                     st, b = call(u, "GET", "/readyz", timeout=2)
                     texts.append(json.dumps(b))
+                    statuses.append(st)
                 last = texts
-                if all(f"{n} members" in t for t in texts):
+                if all(f"{n} members" in t for t in texts) and all(s == 200 for s in statuses):
                     return True
         except (OSError, SystemExit, http.client.HTTPException) as e:
             last = repr(e)

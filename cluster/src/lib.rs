@@ -62,12 +62,14 @@ impl fmt::Display for NodeId {
     }
 }
 
-/// Marks the node joined once a peer is a member, or when `timeout` passes without one (the
-/// first node of a new cluster).
+/// Marks the node joined `settle` after a peer became a member — time for the peers to count
+/// this node too and hand over the users it now owns (their limits) — or when `timeout` passes
+/// without one (the first node of a new cluster).
 fn spawn_join_watch(
     mut changes: watch::Receiver<Arc<View>>,
     joined: Arc<AtomicBool>,
     timeout: Duration,
+    settle: Duration,
 ) {
     tokio::spawn(async move {
         let with_peer = async {
@@ -77,11 +79,13 @@ fn spawn_join_watch(
                 }
             }
         };
-        if tokio::time::timeout(timeout, with_peer).await.is_err() {
-            tracing::warn!(
+        match tokio::time::timeout(timeout, with_peer).await {
+            // Peers ping every heartbeat interval: within two, each has counted this node.
+            Ok(()) => tokio::time::sleep(settle).await,
+            Err(_) => tracing::warn!(
                 timeout_ms = timeout.as_millis() as u64,
                 "no cluster peer answered in time: serving as a cluster of one"
-            );
+            ),
         }
         joined.store(true, Ordering::Release);
     });
@@ -313,7 +317,12 @@ impl Cluster {
                 .iter()
                 .any(|seed| *seed != own_addr && *seed != config.listen.to_string());
         if has_seeds {
-            spawn_join_watch(changes.clone(), joined.clone(), config.join_timeout);
+            spawn_join_watch(
+                changes.clone(),
+                joined.clone(),
+                config.join_timeout,
+                config.heartbeat_interval * 2,
+            );
         } else {
             joined.store(true, Ordering::Release);
         }

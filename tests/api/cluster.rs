@@ -126,8 +126,8 @@ impl TestCluster {
         self.nodes[0].register_admin().await
     }
 
-    /// Waits until every running node listed in `alive` sees exactly those nodes alive and they
-    /// agree on the view's digest; returns the views.
+    /// Waits until every running node listed in `alive` sees exactly those nodes alive, they
+    /// agree on the view's digest and each is ready (joined); returns the views.
     pub(crate) async fn converge(&self, admin: &Session, alive: &[usize]) -> Vec<Value> {
         let expected: Vec<String> = alive.iter().map(|i| format!("node-{}", i + 1)).collect();
         let started = Instant::now();
@@ -155,7 +155,12 @@ impl TestCluster {
                         .as_array()
                         .is_some_and(|m| m.len() == expected.len())
             }) && views.windows(2).all(|w| w[0]["digest"] == w[1]["digest"]);
-            if agreed {
+            // ...and each has joined (a starting node serves no user before: see the join test).
+            let mut ready = agreed;
+            for i in alive.iter().filter(|_| agreed) {
+                ready &= self.nodes[*i].get_anon("/readyz").await.status() == StatusCode::OK;
+            }
+            if ready {
                 return views;
             }
             assert!(
