@@ -5,11 +5,16 @@
 # CPU is utime+stime from /proc/PID/stat over an 8 s oha run with 64 connections.
 #
 #   load-tests/cpu_per_request.sh          (BIN=path/to/chorus to test another build)
+#   PERF=1 load-tests/cpu_per_request.sh   also profiles Chorus during the last run
+#                                          (perf record -F 999 -g) and prints the top symbols
 #
 # Needs: cargo build --release -p chorus -p chorus-mock-upstream; oha (OHA=/path if not on PATH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# A captured backtrace per error would be measured too.
+unset RUST_BACKTRACE
 OHA=${OHA:-oha}
+command -v "$OHA" >/dev/null || { [ -x /tmp/oha/bin/oha ] && OHA=/tmp/oha/bin/oha; }
 W=$(mktemp -d)
 target/release/mock-upstream --bind 127.0.0.1:0 > $W/mock.out 2>&1 &
 MOCK_PID=$!
@@ -64,4 +69,17 @@ run() {
 }
 run "GET /healthz" $B/healthz
 run "/v1 mock in-process" -m POST -T application/json -d '{"model":"local","messages":[{"role":"user","content":"hello there, how are you today"}]}' -H "authorization: Bearer $KEY" $B/v1/chat/completions
+if [ -n "${PERF:-}" ]; then
+  perf record -F ${PERF_FREQ:-999} --call-graph ${PERF_CALLGRAPH:-fp} -p $PID -o $W/perf.data -- sleep 8 > /dev/null 2>&1 &
+  PERF_PID=$!
+fi
 run "/v1 via upstream" -m POST -T application/json -d '{"model":"bench","messages":[{"role":"user","content":"hello there, how are you today"}]}' -H "authorization: Bearer $KEY" $B/v1/chat/completions
+if [ -n "${PERF:-}" ]; then
+  wait $PERF_PID || true
+  [ -n "${PERF_KEEP:-}" ] && cp $W/perf.data "$PERF_KEEP"
+  echo "-- where Chorus's CPU went during the last run (self time, top 40 symbols):"
+  perf report -i $W/perf.data --no-children --sort symbol --stdio 2>/dev/null \
+    | grep -E '^ +[0-9]' | sed -E 's/[ -]+$//' | cut -c1-150 | head -40
+  echo "-- by DSO:"
+  perf report -i $W/perf.data --no-children --sort dso --stdio 2>/dev/null | grep -E '^ +[0-9]' | sed -E 's/[ -]+$//' | head -8
+fi

@@ -429,13 +429,7 @@ impl Homes {
     }
 
     /// Settles a reservation at the user's home (a message; nothing to wait for).
-    pub async fn settle(
-        &self,
-        user: Uuid,
-        reservation: Reservation,
-        used_tokens: u64,
-        cost_usd: f64,
-    ) {
+    pub fn settle(&self, user: Uuid, reservation: Reservation, used_tokens: u64, cost_usd: f64) {
         match self.route(user) {
             Ok(Route::Remote { node, refs }) => {
                 let cast = Cast::Settle {
@@ -448,11 +442,7 @@ impl Homes {
             }
             // Settled where it was admitted when the home is here (or unknown right now: the
             // reservation refills on its own at worst).
-            _ => {
-                self.sessions
-                    .settle(user, reservation, used_tokens, cost_usd)
-                    .await
-            }
+            _ => settle_locally(&self.sessions, user, reservation, used_tokens, cost_usd),
         }
     }
 
@@ -687,6 +677,24 @@ fn until_done(events: EventStream, turns: Vec<Uuid>) -> impl Stream<Item = Arc<E
         }
         Some((event, (events, open)))
     })
+}
+
+/// One cast to the user's live session; a task only when it has to be started again.
+fn settle_locally(
+    sessions: &Sessions,
+    user: Uuid,
+    reservation: Reservation,
+    used_tokens: u64,
+    cost_usd: f64,
+) {
+    if let Some(reservation) = sessions.try_settle(user, reservation, used_tokens, cost_usd) {
+        let sessions = sessions.clone();
+        tokio::spawn(async move {
+            sessions
+                .settle(user, reservation, used_tokens, cost_usd)
+                .await
+        });
+    }
 }
 
 async fn first_outcome(
@@ -945,14 +953,7 @@ impl Inbox for Dispatcher {
                 reservation,
                 used_tokens,
                 cost_usd,
-            } => {
-                let sessions = self.sessions.clone();
-                tokio::spawn(async move {
-                    sessions
-                        .settle(user, reservation, used_tokens, cost_usd)
-                        .await
-                });
-            }
+            } => settle_locally(&self.sessions, user, reservation, used_tokens, cost_usd),
             Cast::Limits { user, used } => self.sessions.absorb_used_limits(user, &used),
             Cast::Leaving { name } => {
                 if let Some(membership) = self.membership.get() {

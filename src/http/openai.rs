@@ -283,7 +283,7 @@ pub async fn chat_completions(ctx: Ctx, body: Body) -> Result<Response, ApiError
         std::mem::take(&mut reservation.own_keys),
     );
     let mut usage_guard = UsageGuard {
-        sessions: ctx.state.homes.clone(),
+        state: ctx.state.clone(),
         user_id,
         reservation: Some(reservation),
         model: model.clone(),
@@ -359,7 +359,8 @@ pub async fn chat_completions(ctx: Ctx, body: Body) -> Result<Response, ApiError
 /// Settles a `/v1` request's reservation exactly once when dropped — after the answer, on an
 /// error, or when the client hangs up mid-stream — with what was counted so far.
 struct UsageGuard {
-    sessions: chorus_cluster::Homes,
+    /// For `homes` (one reference count rather than a clone of the handle per request).
+    state: std::sync::Arc<crate::app::AppState>,
     user_id: Uuid,
     reservation: Option<Reservation>,
     model: Model,
@@ -407,16 +408,13 @@ impl Drop for UsageGuard {
         };
         let (input, output) = self.counts();
         let cost = self.model.cost_usd(input, output);
-        let (sessions, user_id) = (self.sessions.clone(), self.user_id);
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(async move {
-                    sessions
-                        .settle(user_id, reservation, input + output, cost)
-                        .await;
-                });
-            }
-            Err(_) => tracing::error!(%user_id, "no runtime to settle a /v1 reservation"),
+        // Usually one cast to the session that admitted the request (no task, no wait).
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.state
+                .homes
+                .settle(self.user_id, reservation, input + output, cost);
+        } else {
+            tracing::error!(user_id = %self.user_id, "no runtime to settle a /v1 reservation");
         }
     }
 }

@@ -505,6 +505,31 @@ impl Sessions {
         }
     }
 
+    /// [`Sessions::settle`] without waiting or spawning when the user's session is live (the
+    /// common case: it admitted the request moments ago): one cast. Hands the reservation back
+    /// when there is no live session to take it; settle it with [`Sessions::settle`] then.
+    pub fn try_settle(
+        &self,
+        user_id: Uuid,
+        reservation: Reservation,
+        used_tokens: u64,
+        cost_usd: f64,
+    ) -> Option<Reservation> {
+        let Some(session) = self.live_session(user_id) else {
+            return Some(reservation);
+        };
+        match session.cast(UserSessionMessage::Settle(reservation, used_tokens, cost_usd)) {
+            Ok(()) => None,
+            Err(ractor::MessagingErr::SendErr(UserSessionMessage::Settle(reservation, ..))) => {
+                Some(reservation)
+            }
+            Err(e) => {
+                tracing::error!(%user_id, error = %e, "settling a reservation failed");
+                None
+            }
+        }
+    }
+
     /// Settles a reservation from [`Sessions::admit`] with what the request really used, and
     /// records the usage. A message to the session (nothing to wait for); the reservation is
     /// consumed, so it is settled exactly once.
