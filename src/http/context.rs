@@ -190,6 +190,11 @@ impl Ctx {
                 bytes
             }
         };
+        // The usual, valid body: plain serde_json. Only a refused one is read again with
+        // serde_path_to_error, to name the field in the error (it costs on every request).
+        if let Ok(value) = serde_json::from_slice(bytes) {
+            return Ok(value);
+        }
         let mut deserializer = serde_json::Deserializer::from_slice(bytes);
         let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
             let field = err.path().to_string();

@@ -14,7 +14,7 @@ use chorus_actors::provider::{
     ChatMessage, ChatRequest, ChatRole, Chunk, FinishReason, TokenUsage,
 };
 use futures_util::StreamExt;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::convert::Infallible;
 use uuid::Uuid;
@@ -305,24 +305,24 @@ pub async fn chat_completions(ctx: Ctx, body: Body) -> Result<Response, ApiError
         usage_guard.record_usage(usage);
         usage_guard.record_text(&done.text);
         drop(usage_guard);
+        let finish_reason = done.finish.as_ref().map(finish_str).unwrap_or("stop");
         let mut response = json_response(
             StatusCode::OK,
-            &json!({
-                "id": id,
-                "object": "chat.completion",
-                "created": created,
-                "model": model_id,
-                "choices": [{
-                    "index": 0,
-                    "message": { "role": "assistant", "content": done.text },
-                    "finish_reason": done.finish.as_ref().map(finish_str).unwrap_or("stop"),
+            &CompletionBody {
+                id: &id,
+                object: "chat.completion",
+                created,
+                model: &model_id,
+                choices: [CompletionChoice {
+                    index: 0,
+                    message: Delta {
+                        role: Some("assistant"),
+                        content: Some(&done.text),
+                    },
+                    finish_reason,
                 }],
-                "usage": {
-                    "prompt_tokens": usage.input_tokens,
-                    "completion_tokens": usage.output_tokens,
-                    "total_tokens": usage.input_tokens + usage.output_tokens,
-                },
-            }),
+                usage: CompletionUsage::from(usage),
+            },
         );
         set_rate_limit_headers(&mut response, &rate_limit);
         return Ok(response);
@@ -445,16 +445,91 @@ struct CompletionStream {
     usage_guard: UsageGuard,
 }
 
+// Typed response bodies: one allocation per frame (the JSON text), none per field.
+
+#[derive(Serialize)]
+struct CompletionBody<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: i64,
+    model: &'a str,
+    choices: [CompletionChoice<'a>; 1],
+    usage: CompletionUsage,
+}
+
+#[derive(Serialize)]
+struct CompletionChoice<'a> {
+    index: u32,
+    message: Delta<'a>,
+    finish_reason: &'a str,
+}
+
+/// A message or a streamed delta: only the fields present are written (`{}` for the finish).
+#[derive(Serialize)]
+struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct CompletionUsage {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    total_tokens: u64,
+}
+
+impl From<TokenUsage> for CompletionUsage {
+    fn from(usage: TokenUsage) -> Self {
+        CompletionUsage {
+            prompt_tokens: usage.input_tokens,
+            completion_tokens: usage.output_tokens,
+            total_tokens: usage.input_tokens + usage.output_tokens,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ChunkFrame<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: i64,
+    model: &'a str,
+    choices: &'a [ChunkChoice<'a>],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<CompletionUsage>,
+}
+
+#[derive(Serialize)]
+struct ChunkChoice<'a> {
+    index: u32,
+    delta: Delta<'a>,
+    finish_reason: Option<&'a str>,
+}
+
 impl CompletionStream {
-    fn chunk(&self, delta: Value, finish: Option<&str>) -> String {
-        json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }],
+    fn frame(&self, choices: &[ChunkChoice<'_>], usage: Option<CompletionUsage>) -> String {
+        serde_json::to_string(&ChunkFrame {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.model,
+            choices,
+            usage,
         })
-        .to_string()
+        .unwrap_or_default()
+    }
+
+    fn chunk(&self, delta: Delta<'_>, finish: Option<&str>) -> String {
+        self.frame(
+            &[ChunkChoice {
+                index: 0,
+                delta,
+                finish_reason: finish,
+            }],
+            None,
+        )
     }
 
     async fn next_frame(&mut self) -> Option<String> {
@@ -462,15 +537,27 @@ impl CompletionStream {
             match self.phase {
                 Phase::Start => {
                     self.phase = Phase::Streaming;
-                    return Some(self.chunk(json!({ "role": "assistant", "content": "" }), None));
+                    let role = Delta {
+                        role: Some("assistant"),
+                        content: Some(""),
+                    };
+                    return Some(self.chunk(role, None));
                 }
                 Phase::Streaming => match self.upstream.next().await {
                     Some(Ok(Chunk::Text(text))) => {
                         self.usage_guard.record_text(&text);
-                        return Some(self.chunk(json!({ "content": text }), None));
+                        let delta = Delta {
+                            role: None,
+                            content: Some(&text),
+                        };
+                        return Some(self.chunk(delta, None));
                     }
                     Some(Ok(Chunk::Finish(reason))) => {
-                        return Some(self.chunk(json!({}), Some(finish_str(&reason))));
+                        let empty = Delta {
+                            role: None,
+                            content: None,
+                        };
+                        return Some(self.chunk(empty, Some(finish_str(&reason))));
                     }
                     Some(Ok(Chunk::Usage(reported))) => {
                         self.usage_guard.record_usage(reported);
@@ -508,22 +595,8 @@ impl CompletionStream {
                 Phase::Usage => {
                     self.phase = Phase::Done;
                     if self.include_usage {
-                        let usage = self.usage;
-                        return Some(
-                            json!({
-                                "id": self.id,
-                                "object": "chat.completion.chunk",
-                                "created": self.created,
-                                "model": self.model,
-                                "choices": [],
-                                "usage": {
-                                    "prompt_tokens": usage.input_tokens,
-                                    "completion_tokens": usage.output_tokens,
-                                    "total_tokens": usage.input_tokens + usage.output_tokens,
-                                },
-                            })
-                            .to_string(),
-                        );
+                        // OpenAI's usage frame: `choices: []`.
+                        return Some(self.frame(&[], Some(CompletionUsage::from(self.usage))));
                     }
                 }
                 Phase::Done => {
