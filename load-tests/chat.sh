@@ -15,6 +15,8 @@
 # Needs: cargo build --release -p chorus -p chorus-mock-upstream; oha (OHA=/path if not on PATH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# A captured backtrace per error would be measured too.
+unset RUST_BACKTRACE
 
 RATE=${1:-1000}
 SECS=${2:-15}
@@ -22,6 +24,7 @@ STREAMS=${3:-2000}
 BIN=${CHORUS_BIN:-target/release/chorus}
 MOCK=${MOCK_BIN:-target/release/mock-upstream}
 OHA=${OHA:-oha}
+command -v "$OHA" >/dev/null || { [ -x /tmp/oha/bin/oha ] && OHA=/tmp/oha/bin/oha; }
 for b in "$BIN" "$MOCK"; do
   [ -x "$b" ] || { echo "missing $b: cargo build --release -p chorus -p chorus-mock-upstream" >&2; exit 1; }
 done
