@@ -28,6 +28,34 @@ pub(crate) fn free_port() -> u16 {
         .expect("finding a free port")
 }
 
+/// A `CHATTY` turn sent through `edge`: asserts every event arrived in order and the answer is
+/// complete; returns the events and the `message_complete` event.
+pub(crate) async fn chatty_turn_through(
+    edge: &TestApp,
+    user: &Session,
+    thread: &str,
+) -> (Vec<SseEvent>, SseEvent) {
+    let events = edge
+        .chat_turn(
+            user.token(),
+            thread,
+            &json!({ "content": "hi", "model": CHATTY }),
+        )
+        .await;
+    assert_contiguous(&events);
+    assert_eq!(events.first().map(|e| e.name()), Some("message_start"));
+    assert_eq!(events.last().map(|e| e.name()), Some("done"));
+    let text = delta_text(&events, None);
+    assert_eq!(text.split_whitespace().count(), 60, "{text}");
+    let complete = events
+        .iter()
+        .find(|e| e.name() == "message_complete")
+        .unwrap();
+    assert_eq!(complete.data["status"], "complete");
+    let complete = complete.clone();
+    (events, complete)
+}
+
 pub(crate) struct TestCluster {
     pub(crate) nodes: Vec<TestApp>,
     ports: Vec<u16>,
@@ -287,23 +315,8 @@ async fn three_nodes_agree_route_each_user_home_and_stream_across_nodes() {
 
     // A turn on the home, streamed to a client of another node: every event, in order.
     let edge = &cluster.nodes[others[0]];
-    let events = edge
-        .chat_turn(
-            user.token(),
-            &threads[1],
-            &json!({ "content": "hi", "model": CHATTY }),
-        )
-        .await;
-    assert_contiguous(&events);
-    assert_eq!(events.first().map(|e| e.name()), Some("message_start"));
-    assert_eq!(events.last().map(|e| e.name()), Some("done"));
+    let (events, complete) = chatty_turn_through(edge, &user, &threads[1]).await;
     let text = delta_text(&events, None);
-    assert_eq!(text.split_whitespace().count(), 60, "{text}");
-    let complete = events
-        .iter()
-        .find(|e| e.name() == "message_complete")
-        .unwrap();
-    assert_eq!(complete.data["status"], "complete");
 
     // Resume on a third node after a mid-stream id: exactly the rest, same ids and data.
     let third = &cluster.nodes[others[1]];

@@ -7,7 +7,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::cluster::{CHATTY, Options, TestCluster};
+use crate::cluster::{Options, TestCluster, chatty_turn_through};
 use crate::helpers::*;
 
 /// A CA and one certificate per node host, in a temp dir.
@@ -157,23 +157,7 @@ async fn three_nodes_with_mutual_tls_agree_and_stream_across_nodes() {
     };
     let edge = &cluster.nodes[0];
     let thread = id_of(&edge.create_thread(user.token(), &json!({})).await);
-    let events = edge
-        .chat_turn(
-            user.token(),
-            &thread,
-            &json!({ "content": "hi", "model": CHATTY }),
-        )
-        .await;
-    assert_contiguous(&events);
-    assert_eq!(events.first().map(|e| e.name()), Some("message_start"));
-    assert_eq!(events.last().map(|e| e.name()), Some("done"));
-    let text = delta_text(&events, None);
-    assert_eq!(text.split_whitespace().count(), 60, "{text}");
-    let complete = events
-        .iter()
-        .find(|e| e.name() == "message_complete")
-        .unwrap();
-    assert_eq!(complete.data["status"], "complete");
+    chatty_turn_through(edge, &user, &thread).await;
 
     for (i, node) in cluster.nodes.iter().enumerate() {
         let logs = node.logs();

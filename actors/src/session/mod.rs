@@ -518,7 +518,11 @@ impl Sessions {
         let Some(session) = self.live_session(user_id) else {
             return Some(reservation);
         };
-        match session.cast(UserSessionMessage::Settle(reservation, used_tokens, cost_usd)) {
+        match session.cast(UserSessionMessage::Settle(
+            reservation,
+            used_tokens,
+            cost_usd,
+        )) {
             Ok(()) => None,
             Err(ractor::MessagingErr::SendErr(UserSessionMessage::Settle(reservation, ..))) => {
                 Some(reservation)
