@@ -80,7 +80,7 @@ async fn passivate_moved(state: &AppState, handed: &mut HashMap<Uuid, String>) {
     let sessions = &state.sessions;
     let view = state.cluster.view();
     let local = view.local.as_str();
-    let live = sessions.live_users();
+    let live: HashSet<Uuid> = sessions.live_users().into_iter().collect();
     handed.retain(|user, _| live.contains(user));
     for user in live {
         let Some(home) = view.ring.home(user).filter(|home| *home != local) else {

@@ -184,10 +184,11 @@ pub enum Reply {
     TurnStarted(Result<Box<TurnStartedWire>, WireError>),
     /// The stream is open; its first event follows `start`.
     StreamOpened(Result<u64, WireError>),
-    /// `OpenLiveTurns`: `None` when no turn runs there (no stream was opened).
-    LiveTurnsOpened(Option<LiveTurnsWire>),
     /// The receiver could not decode or serve the request at all.
     Refused(String),
+    /// `OpenLiveTurns`: `None` when no turn runs there (no stream was opened). (New variants go
+    /// last, so that the others keep their encoding.)
+    LiveTurnsOpened(Option<LiveTurnsWire>),
 }
 
 /// One thread event on the wire (`EventRecord`).
