@@ -186,6 +186,17 @@ impl Drop for InFlightGuard {
     }
 }
 
+/// Queues the unfinished documents of the users homed here once the node has joined (the
+/// indexer's own start-up pass found none: the node was nobody's home yet).
+fn resume_after_joining(cluster: Cluster, indexer: chorus_actors::indexer::Indexer) {
+    tokio::spawn(async move {
+        while cluster.is_joining() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        indexer.resume();
+    });
+}
+
 /// Opens (and migrates) the configured store, serving this node (`config.node_name`: the owner
 /// recorded on the messages it streams).
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
@@ -317,6 +328,16 @@ impl Application {
             "embeddings"
         );
         let mut indexer = config.documents.indexer.clone();
+        // A cluster node resumes only the unfinished documents of users homed on it, once it
+        // knows which those are (see `resume_after_joining`); other nodes resume theirs.
+        let cluster_slot: Arc<std::sync::OnceLock<Cluster>> = Arc::default();
+        if config.cluster.is_some() {
+            let slot = cluster_slot.clone();
+            indexer.resume_users = Some(Arc::new(move |user| {
+                slot.get()
+                    .is_some_and(|cluster| !cluster.is_joining() && cluster.is_home(user))
+            }));
+        }
         indexer.embedder = embedder
             .clone()
             .map(|e| Arc::new(ForChunks(e)) as Arc<dyn chorus_actors::indexer::ChunkEmbedder>);
@@ -364,6 +385,10 @@ impl Application {
                 first_wait,
             ),
         };
+        if cluster.is_clustered() {
+            let _ = cluster_slot.set(cluster.clone());
+            resume_after_joining(cluster.clone(), documents.indexer.clone());
+        }
         let state = Arc::new(AppState {
             sessions: node.sessions.clone(),
             homes: cluster.homes().clone(),

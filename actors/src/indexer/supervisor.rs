@@ -127,6 +127,14 @@ impl Indexer {
         }
     }
 
+    /// Queues again what is left unfinished (of the users `resume_users` accepts now). A
+    /// cluster node calls it once it has joined: at start it is nobody's home yet.
+    pub fn resume(&self) {
+        if let Some(s) = self.supervisor() {
+            let _ = s.send_message(IndexerSupervisorMessage::Resume);
+        }
+    }
+
     /// Stops the document's ingestion if it is queued or running.
     pub fn cancel(&self, user_id: Uuid, document_id: Uuid) {
         if let Some(s) = self.supervisor() {
