@@ -18,7 +18,7 @@ pub async fn list(ctx: Ctx) -> Result<Response, ApiError> {
             json!({
                 "id": m.spec.id,
                 "name": m.spec.name,
-                "provider": m.provider_id,
+                "provider": &*m.provider_id,
                 "mock": m.is_mock(),
                 "capabilities": m.spec.capabilities,
                 "context_length": m.spec.context_length,

@@ -118,7 +118,7 @@ pub async fn list_models(ctx: Ctx) -> Result<Response, ApiError> {
                 "id": m.spec.id,
                 "object": "model",
                 "created": 0,
-                "owned_by": m.provider_id,
+                "owned_by": &*m.provider_id,
             })
         })
         .collect();

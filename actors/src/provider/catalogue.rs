@@ -134,9 +134,11 @@ pub enum CatalogueError {
 /// route for calls that need no failover (titles, embeddings).
 #[derive(Clone)]
 pub struct Model {
-    pub spec: ModelSpec,
+    /// Shared: a model is cloned several times per request (routing, usage), so a clone is a few
+    /// reference counts, not a copy of every field.
+    pub spec: Arc<ModelSpec>,
     /// The provider id of the first enabled deployment (`openai`, `groq`, …).
-    pub provider_id: String,
+    pub provider_id: Arc<str>,
     pub provider: Arc<dyn Provider>,
     /// Enabled deployments, in file order.
     pub deployments: Vec<Arc<Deployment>>,
@@ -371,8 +373,8 @@ impl Catalogue {
                 .then(|| tiktoken_rs::bpe_for_model(&spec.upstream).ok())
                 .flatten();
             models.push(Model {
-                spec: spec.clone(),
-                provider_id: first.config.provider_id.clone(),
+                spec: Arc::new(spec.clone()),
+                provider_id: Arc::from(first.config.provider_id.as_str()),
                 provider: first.provider.clone(),
                 deployments,
                 tokenizer,
@@ -512,7 +514,7 @@ mod tests {
         })
         .unwrap();
         let gpt = with_key.get("gpt-4o").unwrap();
-        assert_eq!(gpt.provider_id, "openai");
+        assert_eq!(&*gpt.provider_id, "openai");
         assert!(
             gpt.tokenizer.is_none(),
             "upstream `echo` is no OpenAI model"

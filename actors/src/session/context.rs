@@ -129,7 +129,7 @@ mod tests {
 
     fn model(context_length: u32) -> Model {
         Model {
-            spec: ModelSpec {
+            spec: Arc::new(ModelSpec {
                 id: "m".into(),
                 name: "m".into(),
                 provider: "mock".into(),
@@ -144,7 +144,7 @@ mod tests {
                 fallbacks: Vec::new(),
                 context_fallbacks: Vec::new(),
                 continue_after_cut: None,
-            },
+            }),
             provider_id: "mock".into(),
             provider: Arc::new(MockProvider),
             deployments: Vec::new(),
@@ -234,7 +234,7 @@ mod tests {
     fn openai_models_are_counted_with_tiktoken() {
         let mut gpt = model(1000);
         gpt.provider_id = "openai".into();
-        gpt.spec.upstream = "gpt-4o".into();
+        Arc::make_mut(&mut gpt.spec).upstream = "gpt-4o".into();
         gpt.tokenizer = tiktoken_rs::bpe_for_model("gpt-4o").ok();
         // "hello world" is two tokens in o200k_base; the byte estimate would say 3.
         assert_eq!(count_tokens(&gpt, "hello world"), 2);

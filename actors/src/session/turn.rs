@@ -475,7 +475,7 @@ async fn run_leg(
     message.ttft_ms = ttft.map(|d| d.as_millis() as i64);
     let (provider, deployment) = match &served {
         Some((_, provider, deployment)) => (provider.clone(), Some(deployment.clone())),
-        None => (model.provider_id.clone(), None),
+        None => (model.provider_id.to_string(), None),
     };
     message.provider = Some(provider.clone());
     message.deployment.clone_from(&deployment);
