@@ -12,7 +12,7 @@ use reqwest::{Method, Response, StatusCode};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::helpers::{Session, TestApp, assert_error, body_json};
+use crate::helpers::{Session, TestApp, assert_corpus_passage_cited, assert_error, body_json};
 
 fn fixture(name: &str) -> Vec<u8> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -945,19 +945,7 @@ async fn documents_attached_to_a_message_come_back_as_citations() {
     let body = body_json(send("mock-small", json!([id])).await).await;
     let answer = &body["assistant_messages"][0];
     assert_eq!(answer["status"], "complete", "{body}");
-    let citations = answer["citations"].as_array().unwrap();
-    assert!(!citations.is_empty() && citations.len() <= 5, "{body}");
-    assert!(
-        citations
-            .iter()
-            .any(|c| c["position"]["heading_path"][1] == "p02"),
-        "the feeding passage is cited: {body}"
-    );
-    for c in citations {
-        assert_eq!(c["document_id"], id.as_str());
-        assert_eq!(c["document_name"], "corpus.md");
-        assert!(!c["text"].as_str().unwrap().is_empty());
-    }
+    assert_corpus_passage_cited(answer, &id);
     // Stored with the message: reading the thread back returns them.
     let messages = app
         .get_ok(&format!("/api/v1/threads/{thread}/messages"), token)

@@ -1447,3 +1447,21 @@ pub fn id_of(thread: &Value) -> String {
 #[path = "../../actors/tests/common/redis_server.rs"]
 mod redis_server;
 pub use redis_server::RedisServer;
+
+/// An answer about the shipped corpus (`corpus.md`, document `id`) retrieved at most 5 passages,
+/// each with its text, and among them the one under `p02` that the question is about.
+pub fn assert_corpus_passage_cited(answer: &Value, id: &str) {
+    let citations = answer["citations"].as_array().unwrap();
+    assert!(!citations.is_empty() && citations.len() <= 5, "{answer}");
+    assert!(
+        citations
+            .iter()
+            .any(|c| c["position"]["heading_path"][1] == "p02"),
+        "the feeding passage is cited: {answer}"
+    );
+    for c in citations {
+        assert_eq!(c["document_id"], id);
+        assert_eq!(c["document_name"], "corpus.md");
+        assert!(!c["text"].as_str().unwrap_or("").is_empty(), "{c}");
+    }
+}

@@ -13,7 +13,10 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::documents::{RAG_MODELS, corpus_markdown, jsonl, minilm_dir, ready, upload};
-use crate::helpers::{EVENT_TIMEOUT, SseEvent, TestApp, TestModel, catalogue_toml, id_of, lorem};
+use crate::helpers::{
+    EVENT_TIMEOUT, SseEvent, TestApp, TestModel, assert_corpus_passage_cited, catalogue_toml,
+    id_of, lorem,
+};
 
 const SLOW: &str = "mock-slow";
 const CRAWL: &str = "mock-crawl";
@@ -589,25 +592,7 @@ async fn send_over_the_socket_validates_like_post_messages() {
     frame["type"] = json!("send");
     frame["thread_id"] = json!(thread);
     ws.send(frame).await;
-    let reply = ws.next().await;
-    assert_eq!(reply["type"], "error", "{reply}");
-    assert_eq!(reply["code"], "NOT_FOUND", "{reply}");
-    assert_eq!(reply["request"], "send", "{reply}");
-    assert!(
-        reply["message"].as_str().unwrap_or("").contains("document"),
-        "{reply}"
-    );
-    ws.send(json!({ "type": "ping" })).await;
-    let last = ws.until_type("pong").await;
-    assert!(
-        !last.iter().any(|f| f["type"] == "message_start"),
-        "no turn started: {last:#?}"
-    );
-    assert!(
-        app.thread_messages(session.token(), &thread)
-            .await
-            .is_empty()
-    );
+    assert_send_refused_for_a_document(&mut ws, &app, session.token(), &thread).await;
 }
 
 #[tokio::test]
@@ -656,18 +641,7 @@ async fn send_with_document_ids_over_the_socket_retrieves_and_cites() {
         .iter()
         .find(|m| m["id"] == complete["message_id"])
         .unwrap_or_else(|| panic!("the answer is stored: {messages:#?}"));
-    let citations = answer["citations"].as_array().unwrap();
-    assert!(!citations.is_empty() && citations.len() <= 5, "{answer}");
-    assert!(
-        citations
-            .iter()
-            .any(|c| c["position"]["heading_path"][1] == "p02"),
-        "the feeding passage is cited: {answer}"
-    );
-    for c in citations {
-        assert_eq!(c["document_id"], id.as_str());
-        assert_eq!(c["document_name"], "corpus.md");
-    }
+    assert_corpus_passage_cited(answer, &id);
     let usage = app.get_ok("/api/v1/me/usage", token).await;
     assert_eq!(usage["used"]["rag_queries"], 1, "{usage}");
 
@@ -684,7 +658,13 @@ async fn send_with_document_ids_over_the_socket_retrieves_and_cites() {
             "document_ids": [id],
         }))
         .await;
-    let reply = theirs.next().await;
+    assert_send_refused_for_a_document(&mut theirs, &app, other.token(), &their_thread).await;
+}
+
+/// The socket answered a `send` with NOT_FOUND naming a document, and no turn started: nothing
+/// was stored in the thread.
+async fn assert_send_refused_for_a_document(ws: &mut Ws, app: &TestApp, token: &str, thread: &str) {
+    let reply = ws.next().await;
     assert_eq!(reply["type"], "error", "{reply}");
     assert_eq!(reply["code"], "NOT_FOUND", "{reply}");
     assert_eq!(reply["request"], "send", "{reply}");
@@ -692,15 +672,11 @@ async fn send_with_document_ids_over_the_socket_retrieves_and_cites() {
         reply["message"].as_str().unwrap_or("").contains("document"),
         "{reply}"
     );
-    theirs.send(json!({ "type": "ping" })).await;
-    let last = theirs.until_type("pong").await;
+    ws.send(json!({ "type": "ping" })).await;
+    let last = ws.until_type("pong").await;
     assert!(
         !last.iter().any(|f| f["type"] == "message_start"),
         "no turn started: {last:#?}"
     );
-    assert!(
-        app.thread_messages(other.token(), &their_thread)
-            .await
-            .is_empty()
-    );
+    assert!(app.thread_messages(token, thread).await.is_empty());
 }
