@@ -73,7 +73,7 @@ impl Node {
         sessions.documents = handles.clone();
         let args = NodeArgs {
             store,
-            catalogue,
+            catalogue: catalogue.clone(),
             sessions: sessions.clone(),
             slot: slot.clone(),
             live: live.clone(),
@@ -88,7 +88,7 @@ impl Node {
         let (supervisor, handle) = Actor::spawn(None, NodeSupervisor, args)
             .await
             .map_err(|e| NodeError::Spawn(e.to_string()))?;
-        let handle_for_edge = Sessions::new(slot, live, &sessions);
+        let handle_for_edge = Sessions::new(slot, live, catalogue, &sessions);
         Ok(Node {
             supervisor,
             handle,

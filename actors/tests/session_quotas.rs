@@ -326,3 +326,105 @@ async fn requests_outside_threads_are_admitted_settled_and_recorded() {
     ));
     s.node.shutdown().await;
 }
+
+/// Admits `n` `/v1` requests at once from separate tasks; the reservations and refusals.
+async fn admit_at_once(
+    sessions: &Sessions,
+    user: Uuid,
+    n: usize,
+) -> (Vec<chorus_actors::session::Reservation>, Vec<SessionError>) {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let sessions = sessions.clone();
+            tokio::spawn(async move { sessions.admit(user, "mock-echo", 10).await })
+        })
+        .collect();
+    let (mut admitted, mut refused) = (Vec::new(), Vec::new());
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(reservation) => admitted.push(reservation),
+            Err(error) => refused.push(error),
+        }
+    }
+    (admitted, refused)
+}
+
+/// The edge admits and settles `/v1` requests in the session's ledger, without a message to
+/// the session, once the session has loaded what the checks need. Concurrent requests must
+/// still meet exact limits, and settled usage must still reach the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_admitted_outside_the_mailbox_keep_limits_exact() {
+    // Per minute: 5 requests; the first loads the session, 39 more race for the other 4.
+    let s = setup(tiers(5, None)).await;
+    let sessions = s.node.sessions.clone();
+    let first = sessions.admit(s.user, "mock-echo", 10).await.unwrap();
+    assert!(sessions.try_settle(s.user, first, 10, 0.0).is_none());
+    let (admitted, refused) = admit_at_once(&sessions, s.user, 39).await;
+    assert_eq!(admitted.len(), 4, "refusals: {refused:?}");
+    assert!(
+        refused.iter().all(
+            |e| matches!(e, SessionError::RateLimited { what, .. } if what == "requests_per_minute")
+        ),
+        "{refused:?}"
+    );
+    s.node.shutdown().await;
+
+    // Per month: 3 chat messages. Unsettled requests hold theirs, so 3 of 30 at once pass.
+    let s = setup(tiers(100, Some(3))).await;
+    let sessions = s.node.sessions.clone();
+    let (admitted, refused) = admit_at_once(&sessions, s.user, 30).await;
+    assert_eq!(admitted.len(), 3, "refusals: {refused:?}");
+    assert!(
+        refused.iter().all(
+            |e| matches!(e, SessionError::QuotaExceeded { what, .. } if what == "chat_messages")
+        ),
+        "{refused:?}"
+    );
+    // Settled by the edge: the usage is written about a second later, with no other message.
+    for reservation in admitted {
+        assert!(sessions.try_settle(s.user, reservation, 20, 0.5).is_none());
+    }
+    let mut usage = Default::default();
+    for _ in 0..150 {
+        usage = s.store.get_usage(s.user, "2031-01").await.unwrap();
+        if usage.get("chat_messages") == Some(&3) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(usage.get("chat_messages"), Some(&3), "{usage:?}");
+    assert_eq!(usage.get("tokens"), Some(&60), "{usage:?}");
+    assert_eq!(usage.get("cost_micro_usd"), Some(&1_500_000), "{usage:?}");
+    match sessions.admit(s.user, "mock-echo", 10).await {
+        Err(SessionError::QuotaExceeded { used, .. }) => assert_eq!(used, 3),
+        other => panic!("expected QuotaExceeded, got {other:?}"),
+    }
+    s.node.shutdown().await;
+}
+
+/// A change the session makes (here the user's tier) applies to the very next request the edge
+/// admits on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tier_change_applies_to_the_next_request_admitted_outside_the_mailbox() {
+    let s = setup(tiers(100, None)).await;
+    let sessions = s.node.sessions.clone();
+    let echo = sessions.admit(s.user, "mock-echo", 10).await.unwrap();
+    assert!(sessions.try_settle(s.user, echo, 10, 0.0).is_none());
+    assert!(matches!(
+        sessions.admit(s.user, "mock-premium", 10).await,
+        Err(SessionError::Forbidden(_))
+    ));
+    sessions
+        .set_tier_role(
+            s.user,
+            chorus_actors::session::TierRoleChange {
+                tier: Some("other".into()),
+                role: None,
+            },
+        )
+        .await
+        .unwrap();
+    let premium = sessions.admit(s.user, "mock-premium", 10).await.unwrap();
+    assert!(sessions.try_settle(s.user, premium, 10, 0.0).is_none());
+    s.node.shutdown().await;
+}

@@ -228,6 +228,11 @@ fn mock_model(id: &str, upstream: &str) -> ModelSpec {
 /// A node whose sessions never passivate on their own, with `mock-echo` and `mock-endless` (a
 /// long answer, only ever ended here by a cancel), and one stored user.
 async fn chat_node() -> (Node, Arc<dyn Store>, Uuid, tempfile::TempDir) {
+    chat_node_idle(Duration::from_secs(3600)).await
+}
+
+/// [`chat_node`] whose sessions passivate after `idle`.
+async fn chat_node_idle(idle: Duration) -> (Node, Arc<dyn Store>, Uuid, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("c.db")).unwrap());
     let file = CatalogueFile {
@@ -250,7 +255,7 @@ async fn chat_node() -> (Node, Arc<dyn Store>, Uuid, tempfile::TempDir) {
     };
     let catalogue = Arc::new(Catalogue::build(&file, &|_| None).unwrap());
     let config = SessionConfig {
-        idle_timeout: Duration::from_secs(3600),
+        idle_timeout: idle,
         call_timeout: Duration::from_secs(5),
         ..Default::default()
     };
@@ -401,5 +406,31 @@ async fn passivation_writes_the_usage_the_session_held() {
     let usage = store.get_usage(user, &usage_period()).await.unwrap();
     assert_eq!(usage.get("tokens"), Some(&50), "{usage:?}");
     assert_eq!(usage.get("chat_messages"), Some(&2), "{usage:?}");
+    node.shutdown().await;
+}
+
+/// Requests admitted and settled by the edge without a message still count as activity: the
+/// session does not passivate under them, and passivates (writing their usage) once they stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_outside_the_mailbox_keep_the_session_alive_until_they_stop() {
+    let (node, store, user, _dir) = chat_node_idle(Duration::from_millis(300)).await;
+    let sessions = node.sessions.clone();
+    // For 1.5 s (five idle timeouts), a request every 60 ms.
+    for n in 0..25 {
+        if n > 0 {
+            assert_eq!(
+                sessions.live_count(),
+                1,
+                "the session passivated under traffic (request {n})"
+            );
+        }
+        let reservation = sessions.admit(user, "mock-echo", 10).await.unwrap();
+        assert!(sessions.try_settle(user, reservation, 4, 0.0).is_none());
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    assert!(eventually(|| sessions.live_count() == 0).await);
+    let usage = store.get_usage(user, &usage_period()).await.unwrap();
+    assert_eq!(usage.get("chat_messages"), Some(&25), "{usage:?}");
+    assert_eq!(usage.get("tokens"), Some(&100), "{usage:?}");
     node.shutdown().await;
 }

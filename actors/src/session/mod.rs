@@ -17,6 +17,7 @@
 
 pub mod context;
 pub mod events;
+mod ledger;
 mod quota;
 pub mod retrieval;
 mod supervisor;
@@ -33,7 +34,9 @@ use uuid::Uuid;
 
 use crate::indexer::Documents;
 use crate::node::SupervisorSlot;
+use crate::provider::catalogue::Catalogue;
 use crate::store::{ApiKey, Document, ProviderKey, Role, StoreError, Thread, User};
+use ledger::Ledger;
 pub use supervisor::{SessionSupervisor, SessionSupervisorArgs, SessionSupervisorMessage};
 pub use user_session::{LiveTurns, UserSession, UserSessionMessage, usage_period};
 
@@ -256,13 +259,21 @@ pub(crate) fn is_alive<M: ractor::Message>(actor: &ActorRef<M>) -> bool {
     ractor::ACTIVE_STATES.contains(&actor.get_status())
 }
 
-pub(crate) type LiveSessions = Arc<RwLock<HashMap<Uuid, ActorRef<UserSessionMessage>>>>;
+/// A live session: its actor, and the limits state it shares with the edge.
+#[derive(Clone)]
+pub struct LiveSession {
+    pub(crate) actor: ActorRef<UserSessionMessage>,
+    pub(crate) ledger: Arc<Ledger>,
+}
+
+pub(crate) type LiveSessions = Arc<RwLock<HashMap<Uuid, LiveSession>>>;
 
 /// The edge's handle on the sessions of this node. Cheap to clone.
 #[derive(Clone)]
 pub struct Sessions {
     supervisor: SupervisorSlot,
     live: LiveSessions,
+    catalogue: Arc<Catalogue>,
     call_timeout: Duration,
     turn_counter: TurnCounter,
     user_buckets: Arc<LocalBuckets>,
@@ -272,11 +283,13 @@ impl Sessions {
     pub(crate) fn new(
         supervisor: SupervisorSlot,
         live: LiveSessions,
+        catalogue: Arc<Catalogue>,
         config: &SessionConfig,
     ) -> Self {
         Sessions {
             supervisor,
             live,
+            catalogue,
             call_timeout: config.call_timeout,
             turn_counter: config.turn_counter.clone(),
             user_buckets: config.user_buckets.clone(),
@@ -304,7 +317,7 @@ impl Sessions {
             .read()
             .map(|m| {
                 m.iter()
-                    .filter(|(_, session)| is_alive(session))
+                    .filter(|(_, session)| is_alive(&session.actor))
                     .map(|(user_id, _)| *user_id)
                     .collect()
             })
@@ -486,12 +499,24 @@ impl Sessions {
     /// Checks the user's tier and limits for one request to `model_id` outside a thread (the
     /// OpenAI-compatible API) and reserves `estimated_tokens`. Settle the reservation exactly
     /// once with [`Sessions::settle`], whatever happens to the request.
+    ///
+    /// When the user's session is live and has loaded what the check needs, this takes its
+    /// ledger's lock and no message (the hot path of `/v1`, see `ledger`); else the session
+    /// does it, and loads what the next request needs.
     pub async fn admit(
         &self,
         user_id: Uuid,
         model_id: &str,
         estimated_tokens: u64,
     ) -> Result<Reservation, SessionError> {
+        if let Some(live) = self.live_entry(user_id)
+            && let Some(model) = self.catalogue.get(model_id)
+            && let Some(answer) =
+                live.ledger
+                    .admit_request_now(&model.spec.id, &model.spec.tiers, estimated_tokens)
+        {
+            return answer;
+        }
         // Not retried after an answer: a lost reply would leak a reservation (it still refills).
         let session = self.session(user_id).await?;
         let model_id = model_id.to_owned();
@@ -506,7 +531,8 @@ impl Sessions {
     }
 
     /// [`Sessions::settle`] without waiting or spawning when the user's session is live (the
-    /// common case: it admitted the request moments ago): one cast. Hands the reservation back
+    /// common case: it admitted the request moments ago): in its ledger, under its lock, with
+    /// no message (but one per second or so to write the usage). Hands the reservation back
     /// when there is no live session to take it; settle it with [`Sessions::settle`] then.
     pub fn try_settle(
         &self,
@@ -515,22 +541,22 @@ impl Sessions {
         used_tokens: u64,
         cost_usd: f64,
     ) -> Option<Reservation> {
-        let Some(session) = self.live_session(user_id) else {
+        let Some(live) = self.live_entry(user_id) else {
             return Some(reservation);
         };
-        match session.cast(UserSessionMessage::Settle(
-            reservation,
-            used_tokens,
-            cost_usd,
-        )) {
-            Ok(()) => None,
-            Err(ractor::MessagingErr::SendErr(UserSessionMessage::Settle(reservation, ..))) => {
-                Some(reservation)
-            }
-            Err(e) => {
-                tracing::error!(%user_id, error = %e, "settling a reservation failed");
+        match live
+            .ledger
+            .settle_request(reservation, used_tokens, cost_usd)
+        {
+            Ok(flush_due) => {
+                if flush_due {
+                    live.actor.send_after(user_session::USAGE_FLUSH_AFTER, || {
+                        UserSessionMessage::FlushUsage(None)
+                    });
+                }
                 None
             }
+            Err(reservation) => Some(*reservation),
         }
     }
 
@@ -611,11 +637,15 @@ impl Sessions {
     }
 
     fn live_session(&self, user_id: Uuid) -> Option<ActorRef<UserSessionMessage>> {
+        self.live_entry(user_id).map(|live| live.actor)
+    }
+
+    fn live_entry(&self, user_id: Uuid) -> Option<LiveSession> {
         self.live
             .read()
             .ok()
             .and_then(|m| m.get(&user_id).cloned())
-            .filter(is_alive)
+            .filter(|live| is_alive(&live.actor))
     }
 
     pub async fn cancel_turn(
@@ -720,7 +750,11 @@ impl Sessions {
     }
 
     async fn session(&self, user_id: Uuid) -> Result<ActorRef<UserSessionMessage>, SessionError> {
-        let cached = self.live.read().ok().and_then(|m| m.get(&user_id).cloned());
+        let cached = self
+            .live
+            .read()
+            .ok()
+            .and_then(|m| m.get(&user_id).map(|live| live.actor.clone()));
         if let Some(session) = cached
             && is_alive(&session)
         {
@@ -744,7 +778,7 @@ impl Sessions {
 
     fn forget(&self, user_id: Uuid, session: &ActorRef<UserSessionMessage>) {
         if let Ok(mut map) = self.live.write()
-            && map.get(&user_id).map(|s| s.get_id()) == Some(session.get_id())
+            && map.get(&user_id).map(|s| s.actor.get_id()) == Some(session.get_id())
         {
             map.remove(&user_id);
         }

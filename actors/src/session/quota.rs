@@ -14,10 +14,14 @@
 //! provider then failed (as OpenAI counts it).
 //!
 //! The buckets are in-process ([`LocalBuckets`]): one node owns each user, so they are exact.
+//!
+//! The session keeps what these checks read in its [`Ledger`](super::ledger::Ledger), which
+//! the edge may lock to admit and settle `/v1` requests without a message to the session.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::SessionError;
@@ -115,18 +119,18 @@ impl Quotas {
     }
 
     /// Checks the monthly RAG limit before a retrieval (a search, or documents attached to a
-    /// message); returns the period to count it in once it ran.
-    pub async fn admit_rag(
+    /// message); returns the period to count it in once it ran. The book must hold the period's
+    /// counters when the tier limits RAG queries ([`Quotas::needs_counters`]).
+    pub fn admit_rag(
         &self,
-        store: &dyn Store,
-        book: &mut UsageBook,
+        now: DateTime<Utc>,
+        book: &UsageBook,
         user: &User,
     ) -> Result<String, SessionError> {
-        let now = self.clock.now();
         let period = period_of(now);
         let (_, tier) = self.tier(user);
         if let Some(limit) = tier.monthly.rag_queries {
-            let used = book.counters(store, user.id, &period).await?;
+            let used = book.loaded(&period).ok_or_else(counters_not_loaded)?;
             let used = used.get("rag_queries").copied().unwrap_or(0).max(0) as u64;
             if used >= limit {
                 metrics()
@@ -141,6 +145,17 @@ impl Quotas {
             }
         }
         Ok(period)
+    }
+
+    /// Whether admitting this user's requests reads the month's usage counters (its tier has
+    /// monthly limits); `rag`: for a retrieval rather than a chat request.
+    pub fn needs_counters(&self, user: &User, rag: bool) -> bool {
+        let monthly = &self.tier(user).1.monthly;
+        if rag {
+            monthly.rag_queries.is_some()
+        } else {
+            monthly.chat_messages.is_some() || monthly.tokens.is_some()
+        }
     }
 
     /// Refuses a model the user's tier may not use.
@@ -167,21 +182,21 @@ impl Quotas {
     }
 
     /// Checks the monthly limits and takes from the per-minute buckets (see the module doc).
-    /// `book` holds the user's counters (read from the store once per period).
-    pub async fn admit(
+    /// `book` must hold the counters of `now`'s period when the tier has monthly limits
+    /// ([`Quotas::needs_counters`]): they are read from the store once per period.
+    pub fn admit(
         &self,
-        store: &dyn Store,
-        book: &mut UsageBook,
+        now: DateTime<Utc>,
+        book: &UsageBook,
         user: &User,
         held: Held,
         estimated_tokens: u64,
     ) -> Result<Reservation, SessionError> {
-        let now = self.clock.now();
         let period = period_of(now);
         let (_, tier) = self.tier(user);
         let monthly = &tier.monthly;
         if monthly.chat_messages.is_some() || monthly.tokens.is_some() {
-            let used = book.counters(store, user.id, &period).await?;
+            let used = book.loaded(&period).ok_or_else(counters_not_loaded)?;
             let counter = |kind: &str| used.get(kind).copied().unwrap_or(0).max(0) as u64;
             for (what, limit, in_use) in [
                 (
@@ -271,6 +286,11 @@ impl Quotas {
     }
 }
 
+/// A caller admitted before loading the month's counters (a bug, not the user's doing).
+fn counters_not_loaded() -> SessionError {
+    SessionError::Unavailable("the user's usage counters are not loaded".into())
+}
+
 fn refused(what: &str, admission: Admission) -> SessionError {
     metrics().quota_rejections_total.inc([match what {
         "tokens_per_minute" => "tokens_per_minute",
@@ -319,66 +339,111 @@ pub(crate) fn turn_usage(results: &[LegResult]) -> Option<[(&'static str, i64); 
 /// period, then kept current by the session — the only writer of its user's usage — so a
 /// request's limit check costs no store read. `/v1` requests add to `pending`, written back in
 /// one batch about a second later (and when the session stops), not three writes per request.
+///
+/// It lives in the session's [`Ledger`](super::ledger::Ledger), under a lock that is never held
+/// across an await: loading and writing happen outside it ([`UsageBook::install`],
+/// [`UsageBook::take_pending`]), and only the session actor does either, one at a time.
 #[derive(Debug, Default)]
 pub struct UsageBook {
     period: Option<String>,
     counters: BTreeMap<String, i64>,
-    /// Deltas not yet in the store, by (period, kind).
-    pending: BTreeMap<(String, String), i64>,
+    /// Deltas not yet in the store, by period, then kind.
+    pending: BTreeMap<String, BTreeMap<String, i64>>,
 }
 
+/// Deltas taken out of a [`UsageBook`] to be written: `(period, kind, delta)`.
+pub type PendingUsage = Vec<(String, String, i64)>;
+
 impl UsageBook {
-    /// The counters of `period` (the store's plus what is pending), loading them when needed.
-    pub async fn counters(
-        &mut self,
-        store: &dyn Store,
-        user_id: Uuid,
-        period: &str,
-    ) -> Result<&BTreeMap<String, i64>, SessionError> {
-        if self.period.as_deref() != Some(period) {
-            let mut counters = store.get_usage(user_id, period).await?;
-            for ((p, kind), delta) in &self.pending {
-                if p == period {
-                    *counters.entry(kind.clone()).or_default() += delta;
-                }
+    /// The counters of `period` (the store's plus what is pending), if they are loaded.
+    pub fn loaded(&self, period: &str) -> Option<&BTreeMap<String, i64>> {
+        (self.period.as_deref() == Some(period)).then_some(&self.counters)
+    }
+
+    /// Makes `stored` (the store's counters of `period`, read just now) the book's, with what is
+    /// pending for that period added.
+    pub fn install(&mut self, period: &str, mut stored: BTreeMap<String, i64>) {
+        if let Some(pending) = self.pending.get(period) {
+            for (kind, delta) in pending {
+                *stored.entry(kind.clone()).or_default() += delta;
             }
-            self.counters = counters;
-            self.period = Some(period.to_owned());
         }
-        Ok(&self.counters)
+        self.counters = stored;
+        self.period = Some(period.to_owned());
     }
 
     /// Usage already written to the store by someone else (a turn).
     pub fn observe(&mut self, period: &str, kind: &str, delta: i64) {
         if self.period.as_deref() == Some(period) {
-            *self.counters.entry(kind.to_owned()).or_default() += delta;
+            add_to(&mut self.counters, kind, delta);
         }
     }
 
-    /// Usage to write: counted now, stored at the next [`flush`](Self::flush).
+    /// Usage to write: counted now, stored at the next flush.
     pub fn add(&mut self, period: &str, kind: &str, delta: i64) {
         self.observe(period, kind, delta);
-        *self
-            .pending
-            .entry((period.to_owned(), kind.to_owned()))
-            .or_default() += delta;
+        // Looked up before inserting: the keys are allocated once per period and kind, not per
+        // request.
+        match self.pending.get_mut(period) {
+            Some(kinds) => add_to(kinds, kind, delta),
+            None => {
+                self.pending.insert(
+                    period.to_owned(),
+                    BTreeMap::from([(kind.to_owned(), delta)]),
+                );
+            }
+        }
     }
 
     pub fn has_pending(&self) -> bool {
         !self.pending.is_empty()
     }
 
-    /// Writes the pending deltas; a delta that fails to write stays pending for the next try.
-    pub async fn flush(&mut self, store: &dyn Store, user_id: Uuid) {
-        let pending = std::mem::take(&mut self.pending);
-        for ((period, kind), delta) in pending {
-            if delta == 0 {
-                continue;
-            }
-            if let Err(e) = store.add_usage(user_id, &period, &kind, delta).await {
-                tracing::error!(error = %e, %user_id, kind, "recording usage failed; will retry");
-                *self.pending.entry((period, kind)).or_default() += delta;
-            }
+    /// Takes the pending deltas out to be written; give back the ones that failed with
+    /// [`restore`](Self::restore).
+    pub fn take_pending(&mut self) -> PendingUsage {
+        std::mem::take(&mut self.pending)
+            .into_iter()
+            .flat_map(|(period, kinds)| {
+                kinds
+                    .into_iter()
+                    .filter(|(_, delta)| *delta != 0)
+                    .map(move |(kind, delta)| (period.clone(), kind, delta))
+            })
+            .collect()
+    }
+
+    /// Deltas that could not be written: pending again, for the next flush. (They are counted
+    /// already.)
+    pub fn restore(&mut self, failed: PendingUsage) {
+        for (period, kind, delta) in failed {
+            *self
+                .pending
+                .entry(period)
+                .or_default()
+                .entry(kind)
+                .or_default() += delta;
         }
     }
+}
+
+fn add_to(counters: &mut BTreeMap<String, i64>, kind: &str, delta: i64) {
+    match counters.get_mut(kind) {
+        Some(value) => *value += delta,
+        None => {
+            counters.insert(kind.to_owned(), delta);
+        }
+    }
+}
+
+/// Writes deltas taken from a book; returns the ones the store refused.
+pub async fn write_usage(store: &dyn Store, user_id: Uuid, pending: PendingUsage) -> PendingUsage {
+    let mut failed = Vec::new();
+    for (period, kind, delta) in pending {
+        if let Err(e) = store.add_usage(user_id, &period, &kind, delta).await {
+            tracing::error!(error = %e, %user_id, kind, "recording usage failed; will retry");
+            failed.push((period, kind, delta));
+        }
+    }
+    failed
 }

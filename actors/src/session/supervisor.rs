@@ -7,8 +7,9 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 use ractor_cluster::RactorMessage;
 use uuid::Uuid;
 
+use super::ledger::Ledger;
 use super::user_session::{UserSession, UserSessionArgs, UserSessionMessage};
-use super::{LiveSessions, SessionConfig};
+use super::{LiveSession, LiveSessions, SessionConfig};
 use crate::provider::catalogue::Catalogue;
 use crate::store::Store;
 
@@ -93,7 +94,7 @@ impl Actor for SessionSupervisor {
                 tracing::warn!(%user_id, %reason, "user session failed; it restarts from the store on next use");
             }
             if let Ok(mut live) = state.live.write()
-                && live.get(&user_id).map(|s| s.get_id()) == Some(actor_id)
+                && live.get(&user_id).map(|s| s.actor.get_id()) == Some(actor_id)
             {
                 live.remove(&user_id);
             }
@@ -123,12 +124,18 @@ async fn get_or_spawn(
         .live
         .read()
         .ok()
-        .and_then(|m| m.get(&user_id).cloned());
+        .and_then(|m| m.get(&user_id).map(|live| live.actor.clone()));
     if let Some(session) = existing
         && super::is_alive(&session)
     {
         return Ok(session);
     }
+    let quotas = super::quota::Quotas {
+        tiers: state.config.tiers.clone(),
+        clock: state.config.clock.clone(),
+        buckets: state.config.user_buckets.clone(),
+    };
+    let ledger = Arc::new(Ledger::new(quotas, state.config.key_opener.is_some()));
     let args = UserSessionArgs {
         user_id,
         store: state.store.clone(),
@@ -137,11 +144,7 @@ async fn get_or_spawn(
         turn_timeouts: state.config.turn_timeouts,
         key_opener: state.config.key_opener.clone(),
         documents: state.config.documents.clone(),
-        quotas: super::quota::Quotas {
-            tiers: state.config.tiers.clone(),
-            clock: state.config.clock.clone(),
-            buckets: state.config.user_buckets.clone(),
-        },
+        ledger: ledger.clone(),
         turn_counter: state.config.turn_counter.clone(),
     };
     // Unnamed: ractor's name registry is process-global, and sessions are many and short-lived.
@@ -153,6 +156,12 @@ async fn get_or_spawn(
         .live
         .write()
         .map_err(|_| "session map poisoned".to_string())?
-        .insert(user_id, session.clone());
+        .insert(
+            user_id,
+            LiveSession {
+                actor: session.clone(),
+                ledger,
+            },
+        );
     Ok(session)
 }

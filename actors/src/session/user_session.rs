@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::Utc;
 use ractor::concurrency::JoinHandle;
@@ -20,7 +20,8 @@ use uuid::Uuid;
 
 use super::context::{self, count_tokens};
 use super::events::ThreadEvents;
-use super::quota::{Held, Quotas, Reservation, UsageBook, request_usage, turn_usage};
+use super::ledger::{Holder, Ledger};
+use super::quota::{Quotas, Reservation, turn_usage, write_usage};
 use super::retrieval::{Passage, Retrieval, SearchResults};
 use super::turn::{LegResult, Turn, TurnArgs, TurnLeg, TurnTimeouts};
 use super::{
@@ -46,7 +47,8 @@ pub struct UserSessionArgs {
     pub turn_timeouts: TurnTimeouts,
     pub key_opener: Option<Arc<dyn KeyOpener>>,
     pub documents: Option<Documents>,
-    pub quotas: Quotas,
+    /// The user's limits state, shared with the edge (which admits `/v1` requests there).
+    pub ledger: Arc<Ledger>,
     /// The node's count of running turns; each live turn holds a place in it.
     pub turn_counter: TurnCounter,
 }
@@ -80,22 +82,14 @@ pub struct UserSessionState {
     idle_timeout: Duration,
     turn_timeouts: TurnTimeouts,
     key_opener: Option<Arc<dyn KeyOpener>>,
-    /// The user's own provider keys, opened once; cleared when they change.
-    own_keys: Option<HashMap<String, String>>,
-    last_active: Instant,
     idle_timer: Option<JoinHandle<()>>,
     /// Event logs by thread, kept while the session lives so clients can resume.
     logs: HashMap<Uuid, Arc<ThreadEvents>>,
     turns: HashMap<Uuid, LiveTurn>,
     quotas: Quotas,
-    /// Tokens held by admitted requests outside threads (`/v1`), by reservation id.
-    open: HashMap<Uuid, u64>,
-    /// This month's usage counters, kept current here (see `UsageBook`).
-    usage: UsageBook,
-    /// A `FlushUsage` is on its way.
-    flush_scheduled: bool,
-    /// The user row, read once: every change to it goes through this session.
-    user: Option<User>,
+    /// The user row, opened keys, usage counters and what live requests hold: shared with the
+    /// edge, which admits and settles `/v1` requests there without a message (see `ledger`).
+    ledger: Arc<Ledger>,
     documents: Option<Documents>,
     /// The user's document index, built on first use.
     retrieval: Option<Retrieval>,
@@ -193,16 +187,11 @@ impl Actor for UserSession {
             idle_timeout: args.idle_timeout,
             turn_timeouts: args.turn_timeouts,
             key_opener: args.key_opener,
-            own_keys: None,
-            last_active: Instant::now(),
             idle_timer: Some(idle_timer),
             logs: HashMap::new(),
             turns: HashMap::new(),
-            quotas: args.quotas,
-            open: HashMap::new(),
-            usage: UsageBook::default(),
-            flush_scheduled: false,
-            user: None,
+            quotas: args.ledger.quotas.clone(),
+            ledger: args.ledger,
             documents: args.documents,
             retrieval: None,
             turn_counter: args.turn_counter,
@@ -217,6 +206,8 @@ impl Actor for UserSession {
         if let Some(timer) = state.idle_timer.take() {
             timer.abort();
         }
+        // Nothing more is admitted or settled here: the edge goes to a fresh session.
+        state.ledger.lock().closed = true;
         // Stopping with turns still running (node shutdown): cancel them, let them store what
         // they have as `interrupted`, then settle anything they could not.
         for turn in state.turns.values() {
@@ -230,7 +221,7 @@ impl Actor for UserSession {
             settle_abandoned(state, turn_id, turn, "the server stopped during this turn").await;
         }
         // Passivating or shutting down: usage still pending is written now.
-        state.usage.flush(&*state.store, state.user_id).await;
+        flush_usage(state).await;
         Ok(())
     }
 
@@ -277,11 +268,17 @@ impl Actor for UserSession {
                 // Readers hold the log's Arc: a client still watching keeps the session alive,
                 // or it would wait on a log no turn writes to any more.
                 let watched = state.logs.values().any(|log| Arc::strong_count(log) > 1);
-                if state.turns.is_empty()
-                    && state.open.is_empty()
-                    && !watched
-                    && state.last_active.elapsed() >= state.idle_timeout
-                {
+                // Closed in the same lock as the check: no request is admitted in between.
+                let idle = {
+                    let mut ledger = state.ledger.lock();
+                    let idle = state.turns.is_empty()
+                        && ledger.open.is_empty()
+                        && !watched
+                        && ledger.last_active.elapsed() >= state.idle_timeout;
+                    ledger.closed |= idle;
+                    idle
+                };
+                if idle {
                     tracing::debug!(user_id = %state.user_id, "passivating idle user session");
                     myself.stop(Some("idle".into()));
                 }
@@ -320,12 +317,12 @@ impl Actor for UserSession {
             }
             UserSessionMessage::UpdateProfile(patch, reply) => {
                 let result = update_profile(state, patch).await;
-                state.user = result.as_ref().ok().cloned();
+                state.ledger.lock().user = result.as_ref().ok().cloned();
                 let _ = reply.send(result);
             }
             UserSessionMessage::SetTierRole(change, reply) => {
                 let result = set_tier_role(state, change).await;
-                state.user = result.as_ref().ok().cloned();
+                state.ledger.lock().user = result.as_ref().ok().cloned();
                 let _ = reply.send(result);
             }
             UserSessionMessage::CreateApiKey(key, max_keys, reply) => {
@@ -335,7 +332,7 @@ impl Actor for UserSession {
                 let _ = reply.send(delete_api_key(state, key_id).await);
             }
             UserSessionMessage::PutProviderKey(key, reply) => {
-                state.own_keys = None;
+                state.ledger.lock().own_keys = None;
                 let result = if key.user_id == state.user_id {
                     state.store.put_provider_key(&key).await.map_err(Into::into)
                 } else {
@@ -356,26 +353,26 @@ impl Actor for UserSession {
                 let result = admit_request(state, &model_id, estimate).await;
                 // A caller that gave up waiting never settles: take the reservation back now.
                 if let Err(ractor::MessagingErr::SendErr(Ok(reservation))) = reply.send(result) {
-                    state.open.remove(&reservation.id);
-                    state.quotas.refund(reservation);
+                    state.ledger.refund(reservation);
                 }
             }
             UserSessionMessage::Settle(reservation, used_tokens, cost_usd) => {
-                state.open.remove(&reservation.id);
-                let period = reservation.period.clone();
-                state.quotas.settle(reservation, used_tokens);
-                for (kind, delta) in request_usage(used_tokens, cost_usd).into_iter().flatten() {
-                    state.usage.add(&period, kind, delta);
+                // Usually settled by the edge in the ledger; this is the way for a reservation
+                // whose session stopped meanwhile (see `Sessions::settle`).
+                if state
+                    .ledger
+                    .settle_request_in_session(reservation, used_tokens, cost_usd)
+                {
+                    myself.send_after(USAGE_FLUSH_AFTER, || UserSessionMessage::FlushUsage(None));
                 }
-                schedule_usage_flush(&myself, state);
             }
             UserSessionMessage::Search(query, reply) => {
                 let result = search(&myself, state, query).await;
                 let _ = reply.send(result);
             }
             UserSessionMessage::FlushUsage(reply) => {
-                state.flush_scheduled = false;
-                state.usage.flush(&*state.store, state.user_id).await;
+                state.ledger.lock().flush_scheduled = false;
+                flush_usage(state).await;
                 if let Some(reply) = reply {
                     let _ = reply.send(Ok(()));
                 }
@@ -483,7 +480,7 @@ impl Actor for UserSession {
                 let _ = reply.send(delete_document(state, document_id).await);
             }
             UserSessionMessage::DeleteProviderKey(provider, reply) => {
-                state.own_keys = None;
+                state.ledger.lock().own_keys = None;
                 let result = match state
                     .store
                     .delete_provider_key(state.user_id, &provider)
@@ -496,7 +493,7 @@ impl Actor for UserSession {
                 let _ = reply.send(result);
             }
         }
-        state.last_active = Instant::now();
+        state.ledger.touch();
         Ok(())
     }
 }
@@ -504,20 +501,29 @@ impl Actor for UserSession {
 /// The hand-off check and flush of [`UserSessionMessage::Passivate`]; the caller stops the actor
 /// on `Stopped`.
 async fn passivate(state: &mut UserSessionState) -> Result<Passivation, SessionError> {
-    let running = state.turns.len() + state.open.len();
-    if running > 0 {
-        return Ok(Passivation::Busy {
-            running_turns: running,
-        });
+    {
+        // Closed in the same lock as the check: no `/v1` request is admitted in between.
+        let mut ledger = state.ledger.lock();
+        let running = state.turns.len() + ledger.open.len();
+        if running > 0 {
+            return Ok(Passivation::Busy {
+                running_turns: running,
+            });
+        }
+        ledger.closed = true;
     }
-    state.usage.flush(&*state.store, state.user_id).await;
-    if state.usage.has_pending() {
-        // Stopping now would lose counters the store refused; the session stays and retries.
-        return Err(SessionError::Unavailable(
-            "the user's usage could not be written; the session stays".into(),
-        ));
+    flush_usage(state).await;
+    {
+        let mut ledger = state.ledger.lock();
+        if ledger.usage.has_pending() {
+            // Stopping now would lose counters the store refused; the session stays and retries.
+            ledger.closed = false;
+            return Err(SessionError::Unavailable(
+                "the user's usage could not be written; the session stays".into(),
+            ));
+        }
+        ledger.flush_scheduled = false;
     }
-    state.flush_scheduled = false;
     // Readers waiting for more see the logs end, and resume from wherever the user lives next.
     for (_, log) in state.logs.drain() {
         log.close();
@@ -850,7 +856,7 @@ async fn start_turn(
     .await;
     if let Some(reservation) = reservation {
         // Admitted, then not started: the request does not count.
-        state.quotas.refund(reservation);
+        state.ledger.refund(reservation);
     }
     if let Err(error) = &started {
         // Assistant rows already stored must not stay `streaming` with no turn behind them.
@@ -897,10 +903,7 @@ async fn launch_turn(
                 "at most {most} documents per message on your plan"
             )));
         }
-        let period = state
-            .quotas
-            .admit_rag(&*store, &mut state.usage, &user)
-            .await?;
+        let period = admit_rag(state, &user).await?;
         let retrieval = state.retrieval.get_or_insert_with(Retrieval::default);
         let ready = retrieval.refresh(&*store, state.user_id).await?;
         check_documents(&*store, state.user_id, &ready, &send.document_ids).await?;
@@ -943,13 +946,7 @@ async fn launch_turn(
                 + u64::from(leg_max_tokens(&send, m))
         })
         .sum();
-    let held_now = held(state);
-    *reservation = Some(
-        state
-            .quotas
-            .admit(&*store, &mut state.usage, &user, held_now, estimate)
-            .await?,
-    );
+    *reservation = Some(admit(state, &user, Holder::Turn, estimate).await?);
     let turn_id = Uuid::now_v7();
 
     // Nothing accepted is lost: the user's message is stored before any provider is called.
@@ -1059,7 +1056,7 @@ async fn launch_turn(
         .map(|l| l.estimated_input_tokens + u64::from(l.request.max_tokens.unwrap_or(0)))
         .sum();
     if let Some(reservation) = reservation.as_mut() {
-        state.quotas.top_up(reservation, assembled);
+        state.ledger.top_up(reservation, assembled);
     }
     let period = reservation
         .as_ref()
@@ -1085,7 +1082,7 @@ async fn launch_turn(
             "status",
             &json!({ "stage": "retrieval", "mode": mode, "message": message, "passages": passages.len() }),
         );
-        state.usage.add(period, "rag_queries", 1);
+        state.ledger.lock().usage.add(period, "rag_queries", 1);
         schedule_usage_flush(myself, state);
     }
     let (cancel, cancel_rx) = watch::channel(false);
@@ -1140,9 +1137,11 @@ async fn launch_turn(
 /// The user's own provider keys, opened (once per session, or after they change).
 async fn own_keys(state: &mut UserSessionState) -> HashMap<String, String> {
     let Some(opener) = state.key_opener.clone() else {
+        // Known to be none (the fast lane needs to know that too, after a key changed).
+        state.ledger.lock().own_keys = Some(HashMap::new());
         return HashMap::new();
     };
-    if let Some(keys) = &state.own_keys {
+    if let Some(keys) = &state.ledger.lock().own_keys {
         return keys.clone();
     }
     let keys: HashMap<String, String> = match state.store.list_provider_keys(state.user_id).await {
@@ -1160,7 +1159,7 @@ async fn own_keys(state: &mut UserSessionState) -> HashMap<String, String> {
             return HashMap::new();
         }
     };
-    state.own_keys = Some(keys.clone());
+    state.ledger.lock().own_keys = Some(keys.clone());
     keys
 }
 
@@ -1171,16 +1170,6 @@ fn leg_max_tokens(send: &SendMessage, model: &Model) -> u32 {
         .min(model.spec.max_output_tokens.max(1))
 }
 
-/// What live turns and open requests hold against the monthly limits.
-fn held(state: &UserSessionState) -> Held {
-    // A live turn holds its reservation until `TurnFinished` puts its real usage in the book.
-    let turns = state
-        .turns
-        .values()
-        .fold(Held::default(), |h, t| h.add(t.reservation.tokens));
-    state.open.values().fold(turns, |h, tokens| h.add(*tokens))
-}
-
 /// `Search`: the user's index brought up to date, the documents checked, one RAG query counted.
 async fn search(
     myself: &ActorRef<UserSessionMessage>,
@@ -1188,10 +1177,7 @@ async fn search(
     query: SearchQuery,
 ) -> Result<SearchResults, SessionError> {
     let user = current_user(state).await?;
-    let period = state
-        .quotas
-        .admit_rag(&*state.store, &mut state.usage, &user)
-        .await?;
+    let period = admit_rag(state, &user).await?;
     let retrieval = state.retrieval.get_or_insert_with(Retrieval::default);
     let ready = retrieval.refresh(&*state.store, state.user_id).await?;
     if let Some(ids) = &query.document_ids {
@@ -1203,7 +1189,7 @@ async fn search(
         query.document_ids.as_deref(),
         query.top_k,
     );
-    state.usage.add(&period, "rag_queries", 1);
+    state.ledger.lock().usage.add(&period, "rag_queries", 1);
     schedule_usage_flush(myself, state);
     Ok(results)
 }
@@ -1260,16 +1246,33 @@ fn with_sources(system_prompt: Option<&str>, passages: &[Passage]) -> String {
 }
 
 /// Writes pending usage about a second from now (one write for many requests).
-fn schedule_usage_flush(myself: &ActorRef<UserSessionMessage>, state: &mut UserSessionState) {
-    if state.usage.has_pending() && !state.flush_scheduled {
-        state.flush_scheduled = true;
+fn schedule_usage_flush(myself: &ActorRef<UserSessionMessage>, state: &UserSessionState) {
+    let due = {
+        let mut ledger = state.ledger.lock();
+        let due = ledger.usage.has_pending() && !ledger.flush_scheduled;
+        ledger.flush_scheduled |= due;
+        due
+    };
+    if due {
         myself.send_after(USAGE_FLUSH_AFTER, || UserSessionMessage::FlushUsage(None));
+    }
+}
+
+/// Writes the pending usage counters; what the store refuses stays pending for the next try.
+async fn flush_usage(state: &UserSessionState) {
+    let pending = state.ledger.lock().usage.take_pending();
+    if pending.is_empty() {
+        return;
+    }
+    let failed = write_usage(&*state.store, state.user_id, pending).await;
+    if !failed.is_empty() {
+        state.ledger.lock().usage.restore(failed);
     }
 }
 
 /// The user row, from the session's copy (read once; changes come through this session).
 async fn current_user(state: &mut UserSessionState) -> Result<User, SessionError> {
-    if let Some(user) = &state.user {
+    if let Some(user) = &state.ledger.lock().user {
         return Ok(user.clone());
     }
     let user = state
@@ -1277,8 +1280,51 @@ async fn current_user(state: &mut UserSessionState) -> Result<User, SessionError
         .get_user(state.user_id)
         .await?
         .ok_or(SessionError::NotFound)?;
-    state.user = Some(user.clone());
+    state.ledger.lock().user = Some(user.clone());
     Ok(user)
+}
+
+/// Loads the month's usage counters into the ledger when the user's tier needs them (`rag`:
+/// for a retrieval). Only the session loads them, one message at a time, so a load never races
+/// a flush; requests settled meanwhile are pending and `install` counts them.
+async fn load_counters(
+    state: &UserSessionState,
+    user: &User,
+    rag: bool,
+) -> Result<(), SessionError> {
+    if !state.quotas.needs_counters(user, rag) {
+        return Ok(());
+    }
+    let period = crate::quota::period_of(state.quotas.clock.now());
+    if state.ledger.lock().usage.loaded(&period).is_some() {
+        return Ok(());
+    }
+    let stored = state.store.get_usage(state.user_id, &period).await?;
+    state.ledger.lock().usage.install(&period, stored);
+    Ok(())
+}
+
+/// Admits a turn or a request of `user` (loaded by the caller) against the tier's limits.
+async fn admit(
+    state: &UserSessionState,
+    user: &User,
+    holder: Holder,
+    estimate: u64,
+) -> Result<Reservation, SessionError> {
+    load_counters(state, user, false).await?;
+    state
+        .ledger
+        .admit(holder, estimate)
+        .unwrap_or_else(|| Err(SessionError::Unavailable("the user is not loaded".into())))
+}
+
+/// Checks the monthly RAG limit; the period to count the query in.
+async fn admit_rag(state: &UserSessionState, user: &User) -> Result<String, SessionError> {
+    load_counters(state, user, true).await?;
+    let now = state.quotas.clock.now();
+    state
+        .quotas
+        .admit_rag(now, &state.ledger.lock().usage, user)
 }
 
 /// `Admit`: one request to a model outside a thread.
@@ -1288,24 +1334,22 @@ async fn admit_request(
     estimate: u64,
 ) -> Result<Reservation, SessionError> {
     let user = current_user(state).await?;
-    let model = state.catalogue.get(model_id).ok_or_else(|| {
+    let catalogue = state.catalogue.clone();
+    let model = catalogue.get(model_id).ok_or_else(|| {
         SessionError::Invalid(format!("model `{model_id}` is unknown or not enabled"))
     })?;
+    // Loads what the edge's fast lane needs, then admits the way it does: the next request
+    // of this user is admitted there, without a message.
+    own_keys(state).await;
+    load_counters(state, &user, false).await?;
     state
-        .quotas
-        .check_model(&user, model_id, &model.spec.tiers)?;
-    let held_now = held(state);
-    let mut reservation = state
-        .quotas
-        .admit(&*state.store, &mut state.usage, &user, held_now, estimate)
-        .await?;
-    state.open.insert(reservation.id, reservation.tokens);
-    reservation.own_keys = own_keys(state).await;
-    Ok(reservation)
+        .ledger
+        .admit_request_now(&model.spec.id, &model.spec.tiers, estimate)
+        .unwrap_or_else(|| Err(SessionError::Unavailable("the session is stopping".into())))
 }
 
 /// How long `/v1` usage waits in the session before it is written (in one batch).
-const USAGE_FLUSH_AFTER: Duration = Duration::from_secs(1);
+pub(crate) const USAGE_FLUSH_AFTER: Duration = Duration::from_secs(1);
 
 /// The calendar month in UTC (`YYYY-MM`): the period of monthly usage counters.
 pub fn usage_period() -> String {
@@ -1328,10 +1372,13 @@ async fn turn_finished(
         .map(|r| (r.message.usage.input_tokens + r.message.usage.output_tokens).max(0) as u64)
         .sum();
     // The turn wrote its usage to the store (turn.rs); the book counts it from now on.
-    for (kind, delta) in turn_usage(&results).into_iter().flatten() {
-        state.usage.observe(&turn.reservation.period, kind, delta);
+    {
+        let mut ledger = state.ledger.lock();
+        for (kind, delta) in turn_usage(&results).into_iter().flatten() {
+            ledger.usage.observe(&turn.reservation.period, kind, delta);
+        }
     }
-    state.quotas.settle(turn.reservation, used);
+    state.ledger.settle(turn.reservation, used);
     if let Some((prompt, model)) = turn.title_from {
         let answered = results
             .iter()
@@ -1630,7 +1677,7 @@ async fn settle_abandoned(state: &UserSessionState, turn_id: Uuid, turn: LiveTur
         log.append(turn_id, "done", &json!({ "turn_id": turn_id }));
     }
     let used = used.unwrap_or(turn.reservation.tokens);
-    state.quotas.settle(turn.reservation, used);
+    state.ledger.settle(turn.reservation, used);
 }
 
 #[cfg(test)]
