@@ -49,6 +49,15 @@ async fn setup_with(env: &[(&str, &str)]) -> Setup {
     let upstream = MockUpstream::start()
         .await
         .expect("starting the mock upstream");
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    setup_on(upstream, &env).await
+}
+
+/// [`setup_with`] on an upstream already started (its address may be in `env`).
+async fn setup_on(upstream: MockUpstream, env: &[(String, String)]) -> Setup {
     let ids: Vec<(String, &str, &str)> = PROVIDERS
         .iter()
         .flat_map(|p| {
@@ -931,5 +940,63 @@ async fn a_silent_provider_times_out_before_and_after_output() {
             .await;
         assert_eq!(stored["status"], "failed");
         assert_eq!(stored["content"], "lorem ");
+    }
+}
+
+/// Provider calls honour the system's proxy settings (`HTTP_PROXY` and `NO_PROXY`, read the
+/// way `reqwest` reads them). Every provider's base URL here names a host that does not
+/// resolve, and the mock upstream is the HTTP proxy: an answer can only come through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_calls_go_through_the_configured_proxy() {
+    let upstream = MockUpstream::start()
+        .await
+        .expect("starting the mock upstream");
+    let proxy = upstream.base_url();
+    let env: Vec<(String, String)> = [
+        ("OPENAI_BASE_URL", "http://openai.provider.invalid/v1"),
+        ("ANTHROPIC_BASE_URL", "http://anthropic.provider.invalid"),
+        ("GEMINI_BASE_URL", "http://gemini.provider.invalid"),
+        ("HTTP_PROXY", &proxy),
+        ("http_proxy", &proxy),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let setup = setup_on(upstream, &env).await;
+    let app = &setup.app;
+    let session = app.register_user().await;
+    for provider in PROVIDERS {
+        setup.upstream.clear_requests();
+        let model = format!("{provider}-echo");
+        let messages = json!([{ "role": "user", "content": PROMPT }]);
+        let response = app
+            .post_json(
+                "/v1/chat/completions",
+                Some(session.token()),
+                &json!({ "model": model, "messages": messages }),
+            )
+            .await;
+        assert_eq!(response.status(), 200, "{provider}");
+        let body = body_json(response).await;
+        assert_eq!(body["choices"][0]["message"]["content"], PROMPT, "{body}");
+        // Streamed, too.
+        let thread = setup.thread(session.token()).await;
+        let events = app
+            .chat_turn(
+                session.token(),
+                &thread,
+                &json!({ "content": PROMPT, "model": model }),
+            )
+            .await;
+        assert_eq!(delta_text(&events, None), PROMPT, "{provider}");
+        let requests = setup.chat_requests();
+        assert_eq!(requests.len(), 2, "{provider}: {requests:#?}");
+        for request in &requests {
+            assert_eq!(
+                request.header("host"),
+                Some(format!("{provider}.provider.invalid").as_str()),
+                "{provider}: {request:#?}"
+            );
+        }
     }
 }

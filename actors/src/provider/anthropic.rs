@@ -14,9 +14,11 @@
 use std::borrow::Cow;
 
 use async_trait::async_trait;
+use http::header::{HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::http::{HttpClient, Post};
 use super::openai::{
     EventDecoder, classify_stream_error, decode_error, read_body, response_stream, secret_header,
     send, trim_base_url,
@@ -38,7 +40,7 @@ pub const DEFAULT_MAX_TOKENS: u32 = 4096;
 pub struct AnthropicProvider {
     base_url: String,
     api_key: String,
-    http: reqwest::Client,
+    http: HttpClient,
 }
 
 /// Never prints the key.
@@ -50,7 +52,7 @@ impl std::fmt::Debug for AnthropicProvider {
 
 impl AnthropicProvider {
     /// `base_url` like `https://api.anthropic.com` (no `/v1`; a trailing `/` is tolerated).
-    pub fn new(base_url: String, api_key: String, http: reqwest::Client) -> Self {
+    pub fn new(base_url: String, api_key: String, http: HttpClient) -> Self {
         Self {
             base_url: trim_base_url(base_url),
             api_key,
@@ -58,16 +60,22 @@ impl AnthropicProvider {
         }
     }
 
-    fn post(&self, body: &MessagesBody<'_>) -> Result<reqwest::RequestBuilder, ProviderError> {
+    fn post(&self, body: &MessagesBody<'_>) -> Result<Post, ProviderError> {
         let mut request = self
             .http
-            .post(format!("{}/v1/messages", self.base_url))
-            .header("anthropic-version", API_VERSION)
+            .post_url(&format!("{}/v1/messages", self.base_url))
+            .header(
+                HeaderName::from_static("anthropic-version"),
+                HeaderValue::from_static(API_VERSION),
+            )
             // Sets `content-type: application/json`.
             .json(body);
         // An empty key sends none, so a keyless test upstream or proxy works.
         if !self.api_key.is_empty() {
-            request = request.header("x-api-key", secret_header(&self.api_key)?);
+            request = request.header(
+                HeaderName::from_static("x-api-key"),
+                secret_header(&self.api_key)?,
+            );
         }
         Ok(request)
     }
@@ -390,7 +398,7 @@ pub fn parse_completion(body: &[u8]) -> Result<Completion, ProviderError> {
 mod tests {
     use std::time::Duration;
 
-    use reqwest::header::{HeaderMap, HeaderValue};
+    use http::header::{HeaderMap, HeaderValue};
     use serde_json::json;
 
     use super::*;
@@ -644,7 +652,7 @@ mod tests {
     #[tokio::test]
     async fn http_stream_posts_to_v1_messages_with_headers() {
         let (base, server) = serve_once(sse_response(STREAM_TEXT)).await;
-        let provider = AnthropicProvider::new(base, "sk-ant".to_owned(), reqwest::Client::new());
+        let provider = AnthropicProvider::new(base, "sk-ant".to_owned(), HttpClient::for_tests());
         let request = ChatRequest {
             model: "claude-sonnet-4-5".to_owned(),
             messages: vec![message(ChatRole::User, "Hi")],
@@ -665,7 +673,7 @@ mod tests {
     async fn http_529_is_overloaded() {
         let body = r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
         let (base, _server) = serve_once(error_response(529, "retry-after: 4\r\n", body)).await;
-        let provider = AnthropicProvider::new(base, "k".to_owned(), reqwest::Client::new());
+        let provider = AnthropicProvider::new(base, "k".to_owned(), HttpClient::for_tests());
         let request = ChatRequest {
             model: "m".to_owned(),
             messages: vec![message(ChatRole::User, "Hi")],
@@ -682,7 +690,8 @@ mod tests {
 
     #[tokio::test]
     async fn embeddings_are_unsupported() {
-        let provider = AnthropicProvider::new(String::new(), String::new(), reqwest::Client::new());
+        let provider =
+            AnthropicProvider::new(String::new(), String::new(), HttpClient::for_tests());
         assert_eq!(
             provider
                 .embed("m", &["x".to_owned()])

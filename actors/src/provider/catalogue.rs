@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::Provider;
 use super::anthropic::AnthropicProvider;
 use super::gemini::GeminiProvider;
+use super::http::{HttpClient, HttpTimeouts};
 use super::mock::MockProvider;
 use super::openai::OpenAiProvider;
 use super::pool::{Deployment, DeploymentConfig, PoolState, Pools, RoutingPolicy};
@@ -169,7 +170,7 @@ pub struct Catalogue {
     models: Vec<Model>,
     by_id: HashMap<String, usize>,
     pools: Arc<Pools>,
-    http: reqwest::Client,
+    http: HttpClient,
     /// Wire format and endpoint by provider id, for calls with a user's own key.
     endpoints: HashMap<String, (String, Option<String>)>,
 }
@@ -197,15 +198,14 @@ impl Catalogue {
         policy: RoutingPolicy,
         buckets: Option<Arc<dyn TokenBuckets>>,
     ) -> Result<Catalogue, CatalogueError> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .read_timeout(READ_TIMEOUT)
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| CatalogueError::InvalidModel {
-                model: "(http client)".into(),
-                message: e.to_string(),
-            })?;
+        let http = HttpClient::new(HttpTimeouts {
+            connect: CONNECT_TIMEOUT,
+            read: READ_TIMEOUT,
+        })
+        .map_err(|e| CatalogueError::InvalidModel {
+            model: "(http client)".into(),
+            message: e.to_string(),
+        })?;
         let set = |name: &Option<String>| {
             name.as_deref()
                 .and_then(env)
@@ -435,7 +435,7 @@ fn make_provider(
     kind: &str,
     base_url: Option<String>,
     key: String,
-    http: &reqwest::Client,
+    http: &HttpClient,
 ) -> Arc<dyn Provider> {
     let base_url = base_url.unwrap_or_default();
     match kind {

@@ -12,9 +12,11 @@
 //! `finishReason` (or the prompt itself was blocked).
 
 use async_trait::async_trait;
+use http::header::HeaderName;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::http::{HttpClient, Post};
 use super::openai::{
     EventDecoder, classify_stream_error, decode_error, read_body, response_stream, secret_header,
     send, trim_base_url,
@@ -30,7 +32,7 @@ use super::{
 pub struct GeminiProvider {
     base_url: String,
     api_key: String,
-    http: reqwest::Client,
+    http: HttpClient,
 }
 
 /// Never prints the key.
@@ -42,7 +44,7 @@ impl std::fmt::Debug for GeminiProvider {
 
 impl GeminiProvider {
     /// `base_url` like `https://generativelanguage.googleapis.com` (no version segment).
-    pub fn new(base_url: String, api_key: String, http: reqwest::Client) -> Self {
+    pub fn new(base_url: String, api_key: String, http: HttpClient) -> Self {
         Self {
             base_url: trim_base_url(base_url),
             api_key,
@@ -51,17 +53,20 @@ impl GeminiProvider {
     }
 
     /// `model` may be given bare (`gemini-2.0-flash`) or as a resource (`models/gemini-…`).
-    fn post(&self, model: &str, method: &str) -> Result<reqwest::RequestBuilder, ProviderError> {
+    fn post(&self, model: &str, method: &str) -> Result<Post, ProviderError> {
         let url = format!(
             "{}/v1beta/models/{}:{method}",
             self.base_url,
             bare_model(model)
         );
-        let request = self.http.post(url);
+        let request = self.http.post_url(&url);
         if self.api_key.is_empty() {
             return Ok(request);
         }
-        Ok(request.header("x-goog-api-key", secret_header(&self.api_key)?))
+        Ok(request.header(
+            HeaderName::from_static("x-goog-api-key"),
+            secret_header(&self.api_key)?,
+        ))
     }
 }
 
@@ -424,7 +429,7 @@ pub fn parse_embeddings(body: &[u8], expected: usize) -> Result<Vec<Vec<f32>>, P
 mod tests {
     use std::time::Duration;
 
-    use reqwest::header::HeaderMap;
+    use http::header::HeaderMap;
     use serde_json::json;
 
     use super::*;
@@ -653,7 +658,7 @@ mod tests {
         let provider = GeminiProvider::new(
             format!("{base}/"),
             "AIza-test".to_owned(),
-            reqwest::Client::new(),
+            HttpClient::for_tests(),
         );
         let request = ChatRequest {
             model: "gemini-2.0-flash".to_owned(),
@@ -683,7 +688,7 @@ mod tests {
             )
         };
         let (base, server) = serve_once(ok(body)).await;
-        let provider = GeminiProvider::new(base, "k".to_owned(), reqwest::Client::new());
+        let provider = GeminiProvider::new(base, "k".to_owned(), HttpClient::for_tests());
         let request = ChatRequest {
             model: "models/gemini-2.5-flash".to_owned(),
             messages: vec![message(ChatRole::User, "Hi")],
@@ -699,7 +704,7 @@ mod tests {
         );
 
         let (base, server) = serve_once(ok(r#"{"embeddings":[{"values":[1.5]}]}"#)).await;
-        let provider = GeminiProvider::new(base, "k".to_owned(), reqwest::Client::new());
+        let provider = GeminiProvider::new(base, "k".to_owned(), HttpClient::for_tests());
         let vectors = provider
             .embed("text-embedding-004", &["x".to_owned()])
             .await

@@ -13,6 +13,7 @@
 pub mod anthropic;
 pub mod catalogue;
 pub mod gemini;
+pub mod http;
 pub mod mock;
 pub mod openai;
 pub mod pool;

@@ -9,7 +9,7 @@
 //! empty `choices`, after the finish reason and before `data: [DONE]`.
 //!
 //! This file also holds the HTTP plumbing the other adapters share — one error classifier
-//! ([`classify_http_error`]), the `reqwest` error mapping and the byte-stream → chunk-stream
+//! ([`classify_http_error`]), the transport error mapping and the byte-stream → chunk-stream
 //! driver ([`decode_stream`]) — so all three providers fail the same way for the same causes.
 
 use std::time::Duration;
@@ -17,10 +17,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::stream::{self, BoxStream, Stream, StreamExt};
-use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
+use http::Uri;
+use http::header::{AUTHORIZATION, HeaderMap, HeaderValue};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::http::{HttpClient, HttpError, HttpResponse, Post};
 use super::sse::{self, SseEvent};
 use super::{
     ChatRequest, ChatRole, Chunk, ChunkStream, Completion, FinishReason, Provider, ProviderError,
@@ -36,12 +38,12 @@ use super::{
 pub struct OpenAiProvider {
     base_url: String,
     api_key: String,
-    http: reqwest::Client,
-    /// Parsed once: parsing a URL (with IDNA) on every call showed up in profiles of `/v1`.
-    chat_url: Option<reqwest::Url>,
-    embeddings_url: Option<reqwest::Url>,
+    http: HttpClient,
+    /// Parsed once: parsing a URL on every call showed up in profiles of `/v1`.
+    chat_url: Option<Uri>,
+    embeddings_url: Option<Uri>,
     /// `Bearer <key>` as a sensitive header value, built once; `None` without a key.
-    authorization: Option<Result<reqwest::header::HeaderValue, ProviderError>>,
+    authorization: Option<Result<HeaderValue, ProviderError>>,
 }
 
 /// Never prints the key.
@@ -74,9 +76,9 @@ pub(crate) fn debug_redacted(
 impl OpenAiProvider {
     /// `base_url` like `https://api.openai.com/v1` (a trailing `/` is tolerated); `api_key`
     /// may be empty for servers that take none.
-    pub fn new(base_url: String, api_key: String, http: reqwest::Client) -> Self {
+    pub fn new(base_url: String, api_key: String, http: HttpClient) -> Self {
         let base_url = trim_base_url(base_url);
-        let parse = |path: &str| reqwest::Url::parse(&format!("{base_url}{path}")).ok();
+        let parse = |path: &str| format!("{base_url}{path}").parse::<Uri>().ok();
         let authorization =
             (!api_key.is_empty()).then(|| secret_header(&format!("Bearer {api_key}")));
         Self {
@@ -89,7 +91,7 @@ impl OpenAiProvider {
         }
     }
 
-    fn post(&self, path: &str) -> Result<reqwest::RequestBuilder, ProviderError> {
+    fn post(&self, path: &str) -> Result<Post, ProviderError> {
         let parsed = match path {
             "/chat/completions" => self.chat_url.as_ref(),
             "/embeddings" => self.embeddings_url.as_ref(),
@@ -97,8 +99,8 @@ impl OpenAiProvider {
         };
         let request = match parsed {
             Some(url) => self.http.post(url.clone()),
-            // An unparsable base URL fails here, per call, with reqwest's own error.
-            None => self.http.post(format!("{}{path}", self.base_url)),
+            // An unparsable base URL fails here, per call, saying why.
+            None => self.http.post_url(&format!("{}{path}", self.base_url)),
         };
         match &self.authorization {
             None => Ok(request),
@@ -438,15 +440,13 @@ pub(crate) fn secret_header(value: &str) -> Result<HeaderValue, ProviderError> {
 }
 
 /// Sends a request; a non-2xx answer becomes a classified error (its body read for the message).
-pub(crate) async fn send(
-    request: reqwest::RequestBuilder,
-) -> Result<reqwest::Response, ProviderError> {
-    let mut response = request.send().await.map_err(transport_error)?;
+pub(crate) async fn send(request: Post) -> Result<HttpResponse, ProviderError> {
+    let response = request.send().await.map_err(transport_error)?;
     let status = response.status();
     if status.is_success() {
         return Ok(response);
     }
-    let headers = std::mem::take(response.headers_mut());
+    let headers = response.headers().clone();
     // The body only improves the message; if it cannot be read, the status still classifies.
     let body = match response.bytes().await {
         Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
@@ -456,44 +456,33 @@ pub(crate) async fn send(
 }
 
 /// Reads a whole (successful) response body.
-pub(crate) async fn read_body(response: reqwest::Response) -> Result<Bytes, ProviderError> {
+pub(crate) async fn read_body(response: HttpResponse) -> Result<Bytes, ProviderError> {
     response.bytes().await.map_err(transport_error)
 }
 
-/// A `reqwest` failure (connect, send, or reading the body) → its class: a timeout, or a
-/// transport fault. (`reqwest` calls a body cut mid-chunk a "decode" error; it is not one of
-/// ours — JSON is decoded by the adapters — so it is Transport like any other broken
-/// connection.)
-pub(crate) fn transport_error(error: reqwest::Error) -> ProviderError {
-    let message = error_chain(&error);
-    if error.is_timeout() {
-        ProviderError::Timeout { message }
+/// A transport failure (connect, send, or reading the body) → its class: a timeout, or a
+/// transport fault (a body cut mid-way is a broken connection like any other).
+pub(crate) fn transport_error(error: HttpError) -> ProviderError {
+    if error.timeout {
+        ProviderError::Timeout {
+            message: error.message,
+        }
     } else {
-        ProviderError::Transport { message }
+        ProviderError::Transport {
+            message: error.message,
+        }
     }
 }
 
 /// A failure while reading a streaming body. Past the headers, a broken connection and a
 /// premature end are the same event for the caller — the answer was cut — so both read as
 /// [`stream_cut`]; the cause goes to the log. A read timeout stays a Timeout.
-fn stream_body_error(error: reqwest::Error) -> ProviderError {
-    if error.is_timeout() {
+fn stream_body_error(error: HttpError) -> ProviderError {
+    if error.timeout {
         return transport_error(error);
     }
-    tracing::debug!(error = %error_chain(&error), "provider stream body failed");
+    tracing::debug!(error = %error.message, "provider stream body failed");
     stream_cut()
-}
-
-/// `reqwest`'s own message is terse ("error sending request"); the cause is in the sources.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 pub(crate) fn decode_error(error: serde_json::Error) -> ProviderError {
@@ -523,10 +512,7 @@ pub(crate) trait EventDecoder: Send + 'static {
 }
 
 /// A successful streaming response → the adapter's chunk stream.
-pub(crate) fn response_stream<D: EventDecoder>(
-    response: reqwest::Response,
-    decoder: D,
-) -> ChunkStream {
+pub(crate) fn response_stream<D: EventDecoder>(response: HttpResponse, decoder: D) -> ChunkStream {
     decode_stream(
         response
             .bytes_stream()
@@ -1206,7 +1192,7 @@ mod tests {
         let p = OpenAiProvider::new(
             "http://127.0.0.1:9/v1/".to_owned(),
             String::new(),
-            reqwest::Client::new(),
+            HttpClient::for_tests(),
         );
         assert_eq!(p.base_url, "http://127.0.0.1:9/v1");
     }
@@ -1221,7 +1207,7 @@ mod tests {
         let provider = OpenAiProvider::new(
             format!("{base}/v1"),
             "sk-test".to_owned(),
-            reqwest::Client::new(),
+            HttpClient::for_tests(),
         );
         let items: Vec<_> = provider.stream(request()).await.unwrap().collect().await;
         assert_eq!(text(&items), "Hello! How can I help you today?");
@@ -1241,8 +1227,11 @@ mod tests {
             body.len()
         );
         let (base, server) = serve_once(response).await;
-        let provider =
-            OpenAiProvider::new(format!("{base}/v1/"), String::new(), reqwest::Client::new());
+        let provider = OpenAiProvider::new(
+            format!("{base}/v1/"),
+            String::new(),
+            HttpClient::for_tests(),
+        );
         let completion = provider.complete(request()).await.unwrap();
         assert_eq!(completion.finish, Some(FinishReason::Stop));
         let received = server.await.unwrap();
@@ -1254,7 +1243,7 @@ mod tests {
     async fn http_429_is_classified_with_retry_after() {
         let body = r#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#;
         let (base, _server) = serve_once(error_response(429, "retry-after: 12\r\n", body)).await;
-        let provider = OpenAiProvider::new(base, "k".to_owned(), reqwest::Client::new());
+        let provider = OpenAiProvider::new(base, "k".to_owned(), HttpClient::for_tests());
         let error = provider.stream(request()).await.err().unwrap();
         assert_eq!(
             error,
@@ -1269,7 +1258,7 @@ mod tests {
     async fn http_cut_stream_ends_with_transport_error() {
         let cut = &STREAM_TEXT[..STREAM_TEXT.find(r#""finish_reason":"stop""#).unwrap()];
         let (base, _server) = serve_once(sse_response(cut)).await;
-        let provider = OpenAiProvider::new(base, "k".to_owned(), reqwest::Client::new());
+        let provider = OpenAiProvider::new(base, "k".to_owned(), HttpClient::for_tests());
         let items: Vec<_> = provider.stream(request()).await.unwrap().collect().await;
         assert_eq!(items.last(), Some(&Err(stream_cut())));
     }
@@ -1277,7 +1266,7 @@ mod tests {
     #[tokio::test]
     async fn http_chunked_body_cut_mid_stream_is_a_cut_not_a_decode_error() {
         // One chunk of the chunked encoding, then the connection closes without the final
-        // zero-size chunk: `reqwest` reports that as a body "decode" error.
+        // zero-size chunk: the client reports that as a broken body.
         let event = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n";
         let response = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
@@ -1285,7 +1274,7 @@ mod tests {
             event.len()
         );
         let (base, _server) = serve_once(response).await;
-        let provider = OpenAiProvider::new(base, "k".to_owned(), reqwest::Client::new());
+        let provider = OpenAiProvider::new(base, "k".to_owned(), HttpClient::for_tests());
         let items: Vec<_> = provider.stream(request()).await.unwrap().collect().await;
         assert_eq!(
             items,
@@ -1301,7 +1290,7 @@ mod tests {
             body.len()
         );
         let (base, server) = serve_once(response).await;
-        let provider = OpenAiProvider::new(base, "k".to_owned(), reqwest::Client::new());
+        let provider = OpenAiProvider::new(base, "k".to_owned(), HttpClient::for_tests());
         let vectors = provider.embed("e", &["hi".to_owned()]).await.unwrap();
         assert_eq!(vectors, vec![vec![0.5]]);
         let received = server.await.unwrap();
@@ -1314,7 +1303,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         drop(listener);
-        let provider = OpenAiProvider::new(base, "k".to_owned(), reqwest::Client::new());
+        let provider = OpenAiProvider::new(base, "k".to_owned(), HttpClient::for_tests());
         let error = provider.complete(request()).await.err().unwrap();
         assert_eq!(error.class(), "transport", "{error:?}");
     }
@@ -1329,10 +1318,11 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(30)).await;
             drop(socket);
         });
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_millis(200))
-            .build()
-            .unwrap();
+        let http = HttpClient::new(super::super::http::HttpTimeouts {
+            connect: Duration::from_secs(5),
+            read: Duration::from_millis(200),
+        })
+        .unwrap();
         let provider = OpenAiProvider::new(base, "k".to_owned(), http);
         let error = provider.stream(request()).await.err().unwrap();
         assert_eq!(error.class(), "timeout", "{error:?}");
@@ -1343,7 +1333,7 @@ mod tests {
         let provider = OpenAiProvider::new(
             "http://127.0.0.1:9/v1".to_owned(),
             "sk-secret".to_owned(),
-            reqwest::Client::new(),
+            HttpClient::for_tests(),
         );
         let printed = format!("{provider:?}");
         assert!(!printed.contains("sk-secret"), "{printed}");
@@ -1355,7 +1345,7 @@ mod tests {
         let provider = OpenAiProvider::new(
             "http://127.0.0.1:9".to_owned(),
             "bad\nkey".to_owned(),
-            reqwest::Client::new(),
+            HttpClient::for_tests(),
         );
         assert!(matches!(
             provider.post("/x"),

@@ -144,7 +144,7 @@ impl SseDecoder {
     }
 }
 
-/// Turns a byte stream (e.g. `reqwest::Response::bytes_stream()`) into a stream of events.
+/// Turns a byte stream (e.g. a provider response's body) into a stream of events.
 /// A transport error is passed through in order; what follows it is up to the source stream.
 /// An event left unfinished at the end of the body is dropped, as the spec says.
 pub fn events<S, B, E>(body: S) -> impl Stream<Item = Result<SseEvent, E>>
