@@ -530,6 +530,25 @@ async fn one_failing_model_among_two_is_an_error_event_not_an_http_error() {
     );
 }
 
+/// A non-streaming `/v1` chat completion with `model` that must answer 200 with the prompt
+/// echoed; its body.
+async fn complete_v1(app: &TestApp, token: &str, model: &str, messages: &Value) -> Value {
+    let response = app
+        .post_json(
+            "/v1/chat/completions",
+            Some(token),
+            &json!({ "model": model, "messages": messages }),
+        )
+        .await;
+    assert_eq!(response.status(), 200, "{model}");
+    let body = body_json(response).await;
+    assert_eq!(
+        body["choices"][0]["message"]["content"], PROMPT,
+        "{model}: {body}"
+    );
+    body
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_compatible_api_reaches_every_provider() {
     let setup = setup().await;
@@ -542,19 +561,7 @@ async fn the_openai_compatible_api_reaches_every_provider() {
             { "role": "user", "content": PROMPT },
         ]);
         setup.upstream.clear_requests();
-        let response = app
-            .post_json(
-                "/v1/chat/completions",
-                Some(session.token()),
-                &json!({ "model": model, "messages": messages }),
-            )
-            .await;
-        assert_eq!(response.status(), 200, "{provider}");
-        let body = body_json(response).await;
-        assert_eq!(
-            body["choices"][0]["message"]["content"], PROMPT,
-            "{provider}: {body}"
-        );
+        let body = complete_v1(app, session.token(), &model, &messages).await;
         assert_eq!(body["choices"][0]["finish_reason"], "stop");
         assert_eq!(body["model"], model);
         assert_eq!(
@@ -969,16 +976,7 @@ async fn provider_calls_go_through_the_configured_proxy() {
         setup.upstream.clear_requests();
         let model = format!("{provider}-echo");
         let messages = json!([{ "role": "user", "content": PROMPT }]);
-        let response = app
-            .post_json(
-                "/v1/chat/completions",
-                Some(session.token()),
-                &json!({ "model": model, "messages": messages }),
-            )
-            .await;
-        assert_eq!(response.status(), 200, "{provider}");
-        let body = body_json(response).await;
-        assert_eq!(body["choices"][0]["message"]["content"], PROMPT, "{body}");
+        complete_v1(app, session.token(), &model, &messages).await;
         // Streamed, too.
         let thread = setup.thread(session.token()).await;
         let events = app
