@@ -60,7 +60,7 @@ impl AnthropicProvider {
         }
     }
 
-    fn post(&self, body: &MessagesBody<'_>) -> Result<Post, ProviderError> {
+    fn post(&self, body: &MessagesBody<'_>) -> Result<Post<'_>, ProviderError> {
         let mut request = self
             .http
             .post_url(&format!("{}/v1/messages", self.base_url))

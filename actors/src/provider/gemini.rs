@@ -53,7 +53,7 @@ impl GeminiProvider {
     }
 
     /// `model` may be given bare (`gemini-2.0-flash`) or as a resource (`models/gemini-…`).
-    fn post(&self, model: &str, method: &str) -> Result<Post, ProviderError> {
+    fn post(&self, model: &str, method: &str) -> Result<Post<'_>, ProviderError> {
         let url = format!(
             "{}/v1beta/models/{}:{method}",
             self.base_url,

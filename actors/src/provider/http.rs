@@ -154,9 +154,9 @@ impl HttpClient {
     }
 
     /// A `POST` to `uri` (parsed already: providers parse their endpoints once).
-    pub fn post(&self, uri: Uri) -> Post {
+    pub fn post(&self, uri: Uri) -> Post<'_> {
         Post {
-            client: self.clone(),
+            client: self,
             uri: Ok(uri),
             headers: HeaderMap::new(),
             body: Ok(Bytes::new()),
@@ -164,7 +164,7 @@ impl HttpClient {
     }
 
     /// A `POST` to a URL parsed now; an invalid one fails when sent.
-    pub fn post_url(&self, url: &str) -> Post {
+    pub fn post_url(&self, url: &str) -> Post<'_> {
         let mut post = self.post(Uri::default());
         post.uri = url.parse::<Uri>().map_err(|e| HttpError {
             message: format!("invalid URL {url:?}: {e}"),
@@ -174,22 +174,22 @@ impl HttpClient {
     }
 }
 
-/// A request being built (see [`HttpClient::post`]).
-pub struct Post {
-    client: HttpClient,
+/// A request being built (see [`HttpClient::post`]); it borrows the client (no clone per call).
+pub struct Post<'a> {
+    client: &'a HttpClient,
     uri: Result<Uri, HttpError>,
     headers: HeaderMap,
     body: Result<Bytes, HttpError>,
 }
 
-impl Post {
-    pub fn header(mut self, name: HeaderName, value: HeaderValue) -> Post {
+impl Post<'_> {
+    pub fn header(mut self, name: HeaderName, value: HeaderValue) -> Self {
         self.headers.insert(name, value);
         self
     }
 
     /// The body as JSON, with `content-type: application/json`.
-    pub fn json<T: serde::Serialize + ?Sized>(mut self, body: &T) -> Post {
+    pub fn json<T: serde::Serialize + ?Sized>(mut self, body: &T) -> Self {
         self.body = serde_json::to_vec(body)
             .map(Bytes::from)
             .map_err(|e| HttpError {

@@ -91,7 +91,7 @@ impl OpenAiProvider {
         }
     }
 
-    fn post(&self, path: &str) -> Result<Post, ProviderError> {
+    fn post(&self, path: &str) -> Result<Post<'_>, ProviderError> {
         let parsed = match path {
             "/chat/completions" => self.chat_url.as_ref(),
             "/embeddings" => self.embeddings_url.as_ref(),
@@ -440,7 +440,7 @@ pub(crate) fn secret_header(value: &str) -> Result<HeaderValue, ProviderError> {
 }
 
 /// Sends a request; a non-2xx answer becomes a classified error (its body read for the message).
-pub(crate) async fn send(request: Post) -> Result<HttpResponse, ProviderError> {
+pub(crate) async fn send(request: Post<'_>) -> Result<HttpResponse, ProviderError> {
     let response = request.send().await.map_err(transport_error)?;
     let status = response.status();
     if status.is_success() {
