@@ -145,8 +145,9 @@ impl HttpClient {
         })
     }
 
-    /// A client with default timeouts, no proxy and the system's roots (tests).
-    pub fn for_tests() -> HttpClient {
+    /// A client with default timeouts, no proxy and the system's roots (the adapters' tests).
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> HttpClient {
         match HttpClient::with_proxies(HttpTimeouts::default(), Matcher::builder().build()) {
             Ok(client) => client,
             Err(e) => panic!("building the test HTTP client: {e}"),

@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 use super::SessionError;
 use super::quota::{Held, Quotas, Reservation, UsageBook, request_usage};
+use crate::quota::period_of;
 use crate::store::User;
 
 /// One session's shared limits state (see the module doc).
@@ -110,7 +111,9 @@ impl Ledger {
         model_tiers: &[String],
         estimated_tokens: u64,
     ) -> Option<Result<Reservation, SessionError>> {
+        // Outside the lock: the clock, and the period's name (one allocation).
         let now = self.quotas.clock.now();
+        let period = period_of(now);
         let mut guard = self.lock();
         let state = &mut *guard;
         if state.closed {
@@ -118,17 +121,16 @@ impl Ledger {
         }
         let user = state.user.as_ref()?;
         let own_keys = state.own_keys.as_ref()?;
-        if self.quotas.needs_counters(user, false)
-            && state.usage.loaded(&crate::quota::period_of(now)).is_none()
-        {
+        if self.quotas.needs_counters(user, false) && state.usage.loaded(&period).is_none() {
             return None;
         }
         let answer = self
             .quotas
             .check_model(user, model_id, model_tiers)
             .and_then(|()| {
+                let held = state.held();
                 self.quotas
-                    .admit(now, &state.usage, user, state.held(), estimated_tokens)
+                    .admit(now, period, &state.usage, user, held, estimated_tokens)
             })
             .map(|mut reservation| {
                 reservation.own_keys.clone_from(own_keys);
@@ -149,11 +151,17 @@ impl Ledger {
         estimated_tokens: u64,
     ) -> Option<Result<Reservation, SessionError>> {
         let now = self.quotas.clock.now();
+        let period = period_of(now);
         let mut state = self.lock();
         let user = state.user.as_ref()?;
-        let answer = self
-            .quotas
-            .admit(now, &state.usage, user, state.held(), estimated_tokens);
+        let answer = self.quotas.admit(
+            now,
+            period,
+            &state.usage,
+            user,
+            state.held(),
+            estimated_tokens,
+        );
         if let Ok(reservation) = &answer {
             let holds = match holder {
                 Holder::Request => &mut state.open,

@@ -182,17 +182,18 @@ impl Quotas {
     }
 
     /// Checks the monthly limits and takes from the per-minute buckets (see the module doc).
-    /// `book` must hold the counters of `now`'s period when the tier has monthly limits
-    /// ([`Quotas::needs_counters`]): they are read from the store once per period.
+    /// `period` is `now`'s ([`period_of`]; the caller has it already). `book` must hold its
+    /// counters when the tier has monthly limits ([`Quotas::needs_counters`]): they are read
+    /// from the store once per period.
     pub fn admit(
         &self,
         now: DateTime<Utc>,
+        period: String,
         book: &UsageBook,
         user: &User,
         held: Held,
         estimated_tokens: u64,
     ) -> Result<Reservation, SessionError> {
-        let period = period_of(now);
         let (_, tier) = self.tier(user);
         let monthly = &tier.monthly;
         if monthly.chat_messages.is_some() || monthly.tokens.is_some() {
