@@ -30,6 +30,7 @@ use crate::auth::api_keys::ApiKeyCache;
 use crate::auth::jwt::load_or_create_dev_secret;
 use crate::auth::sealing::ProviderKeyCipher;
 use crate::config::{Config, StoreConfig};
+use crate::edge::EdgeThreads;
 use crate::http;
 use chorus_actors::provider::catalogue::Catalogue;
 use chorus_actors::provider::pool::{BreakerPolicy, RoutingPolicy};
@@ -427,24 +428,19 @@ impl Application {
             node,
         } = self;
         let grace = state.config.server.shutdown_grace;
-        let stop_accepting = Arc::new(tokio::sync::Notify::new());
-        let server = {
-            let stop_accepting = stop_accepting.clone();
-            warp::serve(http::routes(state.clone()))
-                .incoming(listener)
-                .graceful(async move { stop_accepting.notified().await })
-                .run()
-        };
+        let threads = crate::edge::thread_count(state.config.server.edge_threads);
+        let (edge, mut server) =
+            EdgeThreads::start(listener.into_std()?, threads, http::routes(state.clone()))
+                .context("starting the edge threads")?;
         // Membership changes: passivate users homed elsewhere now, reap a vanished node's turns.
         let handoff = state
             .cluster
             .is_clustered()
             .then(|| crate::handoff::spawn(state.clone()));
-        tracing::info!(addr = %local_addr, "listening");
-        let mut server = std::pin::pin!(server);
+        tracing::info!(addr = %local_addr, edge_threads = threads, "listening");
         tokio::select! {
             () = shutdown => {}
-            () = &mut server => {
+            () = server.one_ended() => {
                 anyhow::bail!("HTTP server stopped unexpectedly");
             }
         }
@@ -459,7 +455,7 @@ impl Application {
             );
             tokio::select! {
                 () = tokio::time::sleep(settings.leave_drain) => {}
-                () = &mut server => {}
+                () = server.all_ended() => {}
             }
         }
         tracing::info!(
@@ -467,8 +463,11 @@ impl Application {
             grace_secs = grace.as_secs(),
             "shutdown: no longer accepting; draining in-flight requests"
         );
-        stop_accepting.notify_one();
-        if tokio::time::timeout(grace, &mut server).await.is_err() {
+        edge.stop_accepting();
+        if tokio::time::timeout(grace, server.all_ended())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 in_flight = state.metrics.in_flight(),
                 "shutdown grace elapsed; closing remaining connections"

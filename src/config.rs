@@ -205,6 +205,7 @@ pub struct RawServer {
     pub cors_origins: Vec<String>,
     pub shutdown_grace_secs: u64,
     pub worker_threads: usize,
+    pub edge_threads: usize,
     pub trust_forwarded_for: bool,
 }
 
@@ -354,8 +355,10 @@ pub struct ServerConfig {
     pub body_limit_bytes: u64,
     pub cors: CorsOrigins,
     pub shutdown_grace: Duration,
-    /// 0: one per core.
+    /// Threads of the actors' runtime; 0: one per core.
     pub worker_threads: usize,
+    /// Threads serving HTTP connections (`src/edge.rs`); 0: one per core.
+    pub edge_threads: usize,
     pub trust_forwarded_for: bool,
 }
 
@@ -454,11 +457,13 @@ impl Config {
             return Err(invalid("server.body_limit_bytes", "must be greater than 0"));
         }
         let cors = parse_cors(&raw.server.cors_origins)?;
-        if raw.server.worker_threads > 1024 {
-            return Err(invalid(
-                "server.worker_threads",
-                "must be at most 1024 (0 = one per core)",
-            ));
+        for (key, threads) in [
+            ("server.worker_threads", raw.server.worker_threads),
+            ("server.edge_threads", raw.server.edge_threads),
+        ] {
+            if threads > 1024 {
+                return Err(invalid(key, "must be at most 1024 (0 = one per core)"));
+            }
         }
 
         let auth = validate_auth(&raw.auth)?;
@@ -632,6 +637,7 @@ impl Config {
                 cors,
                 shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_secs),
                 worker_threads: raw.server.worker_threads,
+                edge_threads: raw.server.edge_threads,
                 trust_forwarded_for: raw.server.trust_forwarded_for,
             },
             auth,

@@ -25,6 +25,7 @@ use warp::reply::Response;
 use super::error::{ApiError, ErrorCode};
 use crate::app::AppState;
 use crate::auth::AccessClaims;
+use crate::edge::PeerAddr;
 
 /// Everything a handler needs about the request except its body.
 #[derive(Clone)]
@@ -68,9 +69,14 @@ pub fn ctx(state: Arc<AppState>) -> impl Filter<Extract = (Ctx,), Error = warp::
         .and(warp::path::full())
         .and(query)
         .and(warp::header::headers_cloned())
-        .and(warp::addr::remote())
+        .and(warp::ext::optional::<PeerAddr>())
         .map(
-            |state, method, path: warp::path::FullPath, query, headers: HeaderMap, peer| {
+            |state,
+             method,
+             path: warp::path::FullPath,
+             query,
+             headers: HeaderMap,
+             peer: Option<PeerAddr>| {
                 let request_id = request_id_from(&headers);
                 Ctx {
                     state,
@@ -79,7 +85,7 @@ pub fn ctx(state: Arc<AppState>) -> impl Filter<Extract = (Ctx,), Error = warp::
                     path: path.as_str().to_owned(),
                     query,
                     headers,
-                    peer,
+                    peer: peer.map(|PeerAddr(addr)| addr),
                 }
             },
         )

@@ -12,8 +12,16 @@
 //!
 //! Timeouts are `reqwest`'s: a connect timeout, and a read timeout that bounds the wait for the
 //! response head and for each piece of the body.
+//!
+//! Connections are pooled per *lane*. The HTTP edge serves each client connection on one thread
+//! of its own (`src/edge.rs`); such a thread calls [`serve_on_lane`] once, and the calls made
+//! from it then use connections owned by that thread, so a request and its upstream call never
+//! wake another thread (Envoy's worker threads keep their own upstream pools for the same
+//! reason). Every other thread (the actors' runtime) shares one pool.
 
+use std::cell::Cell;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,7 +37,22 @@ use rustls_platform_verifier::BuilderVerifierExt;
 use tokio_rustls::rustls::ClientConfig;
 use tokio_rustls::rustls::crypto::aws_lc_rs;
 
-type Direct = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+type Direct = Client<Connector, Full<Bytes>>;
+
+/// Lanes with a pool of their own; threads on higher lanes share the common pool.
+const LANES: usize = 64;
+
+thread_local! {
+    static LANE: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+/// Marks the calling thread as the one serving `lane`: calls made from it use connections of
+/// that lane's pool. Call it once per thread, from the thread that runs the lane's runtime;
+/// two threads on one lane would share connections across threads again.
+pub fn serve_on_lane(lane: usize) {
+    LANE.with(|l| l.set(lane));
+}
 
 /// How long a connection may take to open, and the longest silence while reading an answer.
 #[derive(Debug, Clone, Copy)]
@@ -88,10 +111,14 @@ impl HttpError {
     }
 }
 
-/// The providers' HTTP client. Cheap to clone (the pool is shared).
+/// The providers' HTTP client. Cheap to clone (the pools are shared).
 #[derive(Clone)]
 pub struct HttpClient {
+    /// The pool of threads without a lane.
     direct: Direct,
+    /// Each lane's pool, made when the lane first calls out.
+    lanes: Arc<[OnceLock<Direct>]>,
+    connector: Connector,
     /// For destinations behind a proxy (see the module doc).
     proxied: reqwest::Client,
     proxies: std::sync::Arc<Matcher>,
@@ -130,7 +157,7 @@ impl HttpClient {
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(tcp);
-        let direct = Client::builder(TokioExecutor::new()).build(connector);
+        let direct = Client::builder(TokioExecutor::new()).build(connector.clone());
         let proxied = reqwest::Client::builder()
             .connect_timeout(timeouts.connect)
             .read_timeout(timeouts.read)
@@ -139,6 +166,8 @@ impl HttpClient {
             .map_err(|e| HttpError::from_reqwest(&e))?;
         Ok(HttpClient {
             direct,
+            lanes: (0..LANES).map(|_| OnceLock::new()).collect(),
+            connector,
             proxied,
             proxies: std::sync::Arc::new(proxies),
             read_timeout: timeouts.read,
@@ -151,6 +180,17 @@ impl HttpClient {
         match HttpClient::with_proxies(HttpTimeouts::default(), Matcher::builder().build()) {
             Ok(client) => client,
             Err(e) => panic!("building the test HTTP client: {e}"),
+        }
+    }
+
+    /// The pool of the calling thread's lane (see the module doc). A lane's connection tasks are
+    /// spawned on the runtime that first calls out from it, which is the lane's own.
+    fn pool(&self) -> &Direct {
+        match self.lanes.get(LANE.with(Cell::get)) {
+            Some(lane) => lane.get_or_init(|| {
+                Client::builder(TokioExecutor::new()).build(self.connector.clone())
+            }),
+            None => &self.direct,
         }
     }
 
@@ -228,7 +268,7 @@ impl Post<'_> {
         *request.method_mut() = Method::POST;
         *request.uri_mut() = uri;
         *request.headers_mut() = self.headers;
-        let response = tokio::time::timeout(read_timeout, client.direct.request(request))
+        let response = tokio::time::timeout(read_timeout, client.pool().request(request))
             .await
             .map_err(|_| HttpError::timeout("waiting for the response", read_timeout))?
             .map_err(|e| HttpError::from_error("sending the request failed", &e))?;

@@ -1,0 +1,226 @@
+//! The HTTP edge's threads. Each one runs a single-threaded runtime of its own, accepts from the
+//! shared listening socket, and serves every request of a connection it accepted, including the
+//! provider call a request makes (it is marked as a lane of the providers' HTTP client, see
+//! `chorus_actors::provider::http`). The actors keep running on the main, work-stealing runtime.
+//!
+//! Why not serve on the main runtime: there, a request woke up to three threads (the worker that
+//! read it, an idle worker notified to steal, the worker running the upstream connection), and
+//! at a moderate rate each wake-up is a context switch into cold caches. Measured on the 2-core
+//! machine at 1,000 `/v1` requests per second (load-tests/README.md): 3.6 context switches and
+//! about 245 µs of CPU per request on the shared runtime, against about 2 and 200 µs on one
+//! thread. This is the layout of nginx's workers and Envoy's worker threads: a connection
+//! belongs to one thread, which owns its upstream connections too.
+//!
+//! Every thread waits on the same socket and whichever is free accepts, so new connections go to
+//! the thread with the least to do.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::sync::{mpsc, watch};
+use warp::filters::BoxedFilter;
+use warp::reply::Response;
+
+/// The client's address, set on each request (read with `warp::ext::optional::<PeerAddr>()`).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// How many edge threads `configured` (0: one per core) means on this machine.
+pub fn thread_count(configured: usize) -> usize {
+    if configured > 0 {
+        configured
+    } else {
+        std::thread::available_parallelism().map_or(1, usize::from)
+    }
+}
+
+/// The running edge threads (see the module doc).
+pub struct EdgeThreads {
+    stop_accepting: watch::Sender<bool>,
+    release: watch::Sender<bool>,
+}
+
+/// Reports edge threads whose serving ended: drained after [`EdgeThreads::stop_accepting`], or
+/// failed.
+pub struct Serving {
+    ended: mpsc::UnboundedReceiver<()>,
+    running: usize,
+}
+
+impl EdgeThreads {
+    /// Starts `threads` threads serving `routes` on `listener`.
+    pub fn start(
+        listener: std::net::TcpListener,
+        threads: usize,
+        routes: BoxedFilter<(Response,)>,
+    ) -> std::io::Result<(EdgeThreads, Serving)> {
+        listener.set_nonblocking(true)?;
+        let (stop_accepting, stop_rx) = watch::channel(false);
+        let (release, release_rx) = watch::channel(false);
+        let (ended_tx, ended) = mpsc::unbounded_channel();
+        let threads = threads.max(1);
+        for lane in 0..threads {
+            let listener = listener.try_clone()?;
+            let routes = routes.clone();
+            let stop = stop_rx.clone();
+            let mut release = release_rx.clone();
+            let ended = EndedGuard(ended_tx.clone());
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            std::thread::Builder::new()
+                .name(format!("chorus-edge-{lane}"))
+                .spawn(move || {
+                    chorus_actors::provider::http::serve_on_lane(lane);
+                    runtime.block_on(async move {
+                        match tokio::net::TcpListener::from_std(listener) {
+                            Ok(listener) => serve(listener, routes, stop).await,
+                            Err(e) => {
+                                tracing::error!(error = %e, lane, "edge thread cannot listen")
+                            }
+                        }
+                        drop(ended);
+                        // Tasks this thread spawned (streams, WebSocket writers, upstream
+                        // connections) live on its runtime: keep it until the server is done.
+                        let _ = release.wait_for(|released| *released).await;
+                    });
+                    runtime.shutdown_timeout(Duration::from_secs(1));
+                })?;
+        }
+        Ok((
+            EdgeThreads {
+                stop_accepting,
+                release,
+            },
+            Serving {
+                ended,
+                running: threads,
+            },
+        ))
+    }
+
+    /// Stops accepting connections; open ones finish their requests and close.
+    pub fn stop_accepting(&self) {
+        self.stop_accepting.send_replace(true);
+    }
+}
+
+impl Drop for EdgeThreads {
+    /// Ends the threads (and whatever their runtimes still run).
+    fn drop(&mut self) {
+        self.stop_accepting.send_replace(true);
+        self.release.send_replace(true);
+    }
+}
+
+impl Serving {
+    /// Waits until some edge thread's serving ends.
+    pub async fn one_ended(&mut self) {
+        if self.ended.recv().await.is_some() {
+            self.running = self.running.saturating_sub(1);
+        }
+    }
+
+    /// Waits until every edge thread's serving has ended.
+    pub async fn all_ended(&mut self) {
+        while self.running > 0 {
+            if self.ended.recv().await.is_none() {
+                self.running = 0;
+                return;
+            }
+            self.running -= 1;
+        }
+    }
+}
+
+/// Reports the end of a thread's serving, also when it panics.
+struct EndedGuard(mpsc::UnboundedSender<()>);
+
+impl Drop for EndedGuard {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}
+
+/// Accepts and serves connections until told to stop accepting, then waits for the open ones
+/// to finish (idle keep-alive connections are closed, requests in flight complete).
+async fn serve(
+    listener: tokio::net::TcpListener,
+    routes: BoxedFilter<(Response,)>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.wait_for(|stop| *stop) => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) if is_connection_error(&e) => continue,
+            Err(e) => {
+                // Out of file descriptors, most likely: wait for some to close rather than spin.
+                tracing::error!(error = %e, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        // Responses and stream frames are written whole; don't hold them back for ACKs.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY");
+        }
+        let service = TowerToHyperService::new(WithPeer {
+            inner: warp::service(routes.clone()),
+            peer: PeerAddr(peer),
+        });
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(connection).await {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    )
+}
+
+/// The routes as a service that tells each request its client's address.
+#[derive(Clone)]
+struct WithPeer<S> {
+    inner: S,
+    peer: PeerAddr,
+}
+
+impl<S, B> tower_service::Service<http::Request<B>> for WithPeer<S>
+where
+    S: tower_service::Service<http::Request<B>, Error = Infallible>,
+{
+    type Response = S::Response;
+    type Error = Infallible;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        request.extensions_mut().insert(self.peer);
+        self.inner.call(request)
+    }
+}
