@@ -105,12 +105,34 @@ impl UsedLimits {
     }
 }
 
-fn rpm_key(user_id: Uuid) -> String {
-    format!("{user_id}:rpm")
+fn rpm_key(user_id: Uuid) -> BucketKey {
+    BucketKey::new(user_id, b":rpm")
 }
 
-fn tpm_key(user_id: Uuid) -> String {
-    format!("{user_id}:tpm")
+fn tpm_key(user_id: Uuid) -> BucketKey {
+    BucketKey::new(user_id, b":tpm")
+}
+
+/// A user's bucket key, `<user id>:rpm` or `:tpm`, made on the stack: every request makes
+/// two or three of them.
+struct BucketKey([u8; 40]);
+
+impl BucketKey {
+    fn new(user_id: Uuid, suffix: &[u8; 4]) -> BucketKey {
+        let mut key = [0; 40];
+        user_id.hyphenated().encode_lower(&mut key[..36]);
+        key[36..].copy_from_slice(suffix);
+        BucketKey(key)
+    }
+}
+
+impl std::ops::Deref for BucketKey {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        // ASCII by construction (a hyphenated UUID and an ASCII suffix).
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
 }
 
 impl Quotas {
@@ -447,4 +469,16 @@ pub async fn write_usage(store: &dyn Store, user_id: Uuid, pending: PendingUsage
         }
     }
     failed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_keys_name_the_user_and_the_limit() {
+        let user = Uuid::now_v7();
+        assert_eq!(&*rpm_key(user), format!("{user}:rpm"));
+        assert_eq!(&*tpm_key(user), format!("{user}:tpm"));
+    }
 }
