@@ -121,7 +121,7 @@ pub struct HttpClient {
     connector: Connector,
     /// For destinations behind a proxy (see the module doc).
     proxied: reqwest::Client,
-    proxies: std::sync::Arc<Matcher>,
+    proxies: Arc<Matcher>,
     read_timeout: Duration,
 }
 
@@ -142,12 +142,11 @@ impl HttpClient {
 
     /// [`HttpClient::new`] with the proxy settings given (tests).
     pub fn with_proxies(timeouts: HttpTimeouts, proxies: Matcher) -> Result<HttpClient, HttpError> {
-        let tls =
-            ClientConfig::builder_with_provider(std::sync::Arc::new(aws_lc_rs::default_provider()))
-                .with_safe_default_protocol_versions()
-                .and_then(|builder| builder.with_platform_verifier())
-                .map_err(|e| HttpError::from_error("TLS setup", &e))?
-                .with_no_client_auth();
+        let tls = ClientConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .and_then(|builder| builder.with_platform_verifier())
+            .map_err(|e| HttpError::from_error("TLS setup", &e))?
+            .with_no_client_auth();
         let mut tcp = HttpConnector::new();
         tcp.set_connect_timeout(Some(timeouts.connect));
         tcp.set_nodelay(true);
@@ -169,7 +168,7 @@ impl HttpClient {
             lanes: (0..LANES).map(|_| OnceLock::new()).collect(),
             connector,
             proxied,
-            proxies: std::sync::Arc::new(proxies),
+            proxies: Arc::new(proxies),
             read_timeout: timeouts.read,
         })
     }
