@@ -429,9 +429,11 @@ impl Application {
         } = self;
         let grace = state.config.server.shutdown_grace;
         let threads = crate::edge::thread_count(state.config.server.edge_threads);
-        let (edge, mut server) =
-            EdgeThreads::start(listener.into_std()?, threads, http::routes(state.clone()))
-                .context("starting the edge threads")?;
+        let listener = listener
+            .into_std()
+            .context("handing the listener to the edge threads")?;
+        let (edge, mut server) = EdgeThreads::start(listener, threads, http::routes(state.clone()))
+            .context("starting the edge threads")?;
         // Membership changes: passivate users homed elsewhere now, reap a vanished node's turns.
         let handoff = state
             .cluster
