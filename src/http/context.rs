@@ -46,12 +46,24 @@ pub struct Principal {
     pub claims: AccessClaims,
 }
 
-pub type BodyStream = futures_util::stream::BoxStream<'static, Result<Bytes, warp::Error>>;
+/// Why reading a request body failed (the connection broke, or it was not valid HTTP).
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+pub type BodyStream = futures_util::stream::BoxStream<'static, Result<Bytes, BodyError>>;
 
 /// The request body, read lazily so the size limit applies while reading.
 pub struct Body(BodyStream);
 
 impl Body {
+    /// The body of a request served without warp's filters (see [`super::Routes`]).
+    pub fn incoming(body: hyper::body::Incoming) -> Body {
+        Body(
+            http_body_util::BodyDataStream::new(body)
+                .map(|chunk| chunk.map_err(BodyError::from))
+                .boxed(),
+        )
+    }
+
     /// The raw stream, for routes that read the body their own way (multipart uploads).
     pub fn into_stream(self) -> BodyStream {
         self.0
@@ -77,16 +89,14 @@ pub fn ctx(state: Arc<AppState>) -> impl Filter<Extract = (Ctx,), Error = warp::
              query,
              headers: HeaderMap,
              peer: Option<PeerAddr>| {
-                let request_id = request_id_from(&headers);
-                Ctx {
+                Ctx::new(
                     state,
-                    request_id,
                     method,
-                    path: path.as_str().to_owned(),
+                    path.as_str().to_owned(),
                     query,
                     headers,
-                    peer: peer.map(|PeerAddr(addr)| addr),
-                }
+                    peer.map(|PeerAddr(addr)| addr),
+                )
             },
         )
         .boxed()
@@ -102,7 +112,11 @@ where
     B: Buf + Send + 'static,
 {
     stream
-        .map(|chunk| chunk.map(|mut buf| buf.copy_to_bytes(buf.remaining())))
+        .map(|chunk| {
+            chunk
+                .map(|mut buf| buf.copy_to_bytes(buf.remaining()))
+                .map_err(BodyError::from)
+        })
         .boxed()
 }
 
@@ -122,6 +136,27 @@ fn request_id_from(headers: &HeaderMap) -> String {
 }
 
 impl Ctx {
+    /// The request's context; its id is the client's `X-Request-Id` when usable.
+    pub fn new(
+        state: Arc<AppState>,
+        method: Method,
+        path: String,
+        query: Option<String>,
+        headers: HeaderMap,
+        peer: Option<SocketAddr>,
+    ) -> Ctx {
+        let request_id = request_id_from(&headers);
+        Ctx {
+            state,
+            request_id,
+            method,
+            path,
+            query,
+            headers,
+            peer,
+        }
+    }
+
     /// The client address used for per-IP limits.
     pub fn client_ip(&self) -> Option<IpAddr> {
         if self.state.config.server.trust_forwarded_for

@@ -36,6 +36,83 @@ use crate::config::CorsOrigins;
 use context::{Body, Ctx, body, respond, respond_with};
 use error::{ApiError, ErrorCode};
 
+/// What the edge serves (`crate::edge`): `POST /v1/chat/completions`, the high-rate route, is
+/// served directly; every other request goes through warp's filters ([`routes`]).
+///
+/// Why the direct route: at a moderate rate every request runs in cold caches, so its cost
+/// grows with the code it touches. Through the filters, a completion request walked the `or`
+/// chain, cloned its headers and boxed its body stream through several adapters; in the CPU
+/// profile at 1,000 requests/s (load-tests/README.md, session 7) warp's filters and the context
+/// extraction were about 9% of Chorus's CPU. The direct route runs the same handler through the
+/// same [`context::respond_with`] (request id, span, metrics, access log, error envelope).
+///
+/// A request with an `Origin` header still takes the filters, so CORS applies as before.
+#[derive(Clone)]
+pub struct Routes {
+    filter: BoxedFilter<(Response,)>,
+    state: Option<Arc<AppState>>,
+}
+
+/// A request being answered by the direct route.
+pub type DirectResponse = futures_util::future::BoxFuture<'static, Response>;
+
+impl Routes {
+    /// The application's routes.
+    pub fn new(state: Arc<AppState>) -> Routes {
+        Routes {
+            filter: routes(state.clone()),
+            state: Some(state),
+        }
+    }
+
+    /// Only `filter`, with no direct route.
+    pub fn filter_only(filter: BoxedFilter<(Response,)>) -> Routes {
+        Routes {
+            filter,
+            state: None,
+        }
+    }
+
+    /// The filters, for requests the direct route does not take.
+    pub fn filter(&self) -> BoxedFilter<(Response,)> {
+        self.filter.clone()
+    }
+
+    /// Answers `request` by the direct route when it is one, or gives it back.
+    // The request is handed back by value: boxing it would allocate for every other request.
+    #[allow(clippy::result_large_err)]
+    pub fn direct(
+        &self,
+        request: http::Request<hyper::body::Incoming>,
+        peer: std::net::SocketAddr,
+    ) -> Result<DirectResponse, http::Request<hyper::body::Incoming>> {
+        let Some(state) = &self.state else {
+            return Err(request);
+        };
+        if request.method() != Method::POST
+            || request.uri().path() != "/v1/chat/completions"
+            || request.headers().contains_key(http::header::ORIGIN)
+        {
+            return Err(request);
+        }
+        let (parts, body) = request.into_parts();
+        let ctx = Ctx::new(
+            state.clone(),
+            parts.method,
+            parts.uri.path().to_owned(),
+            parts.uri.query().map(str::to_owned),
+            parts.headers,
+            Some(peer),
+        );
+        let body = Body::incoming(body);
+        Ok(Box::pin(respond_with(
+            ctx,
+            move |c| openai::chat_completions(c, body),
+            openai::openai_error,
+        )))
+    }
+}
+
 /// Every route of the native API, with CORS applied and rejections answered in the envelope.
 pub fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
     let cors = state.config.server.cors.clone();

@@ -306,3 +306,49 @@ async fn without_cors_configured_no_allow_origin_is_sent() {
     assert_eq!(response.status(), StatusCode::OK);
     assert!(header(&response, "access-control-allow-origin").is_none());
 }
+
+#[tokio::test]
+async fn openai_completions_from_a_browser_origin_get_cors_headers_and_others_do_not() {
+    // `POST /v1/chat/completions` without an `Origin` is served by the edge's direct route;
+    // with one it goes through the filters, where CORS applies. Both answer the same way.
+    let app = cors_app().await;
+    let session = app.register_user().await;
+    let body =
+        json!({"model": "mock-echo", "messages": [{"role": "user", "content": "ping pong"}]});
+    for origin in [Some(ORIGIN), None] {
+        let mut request = app
+            .request(Method::POST, "/v1/chat/completions")
+            .bearer_auth(session.token())
+            .json(&body);
+        if let Some(origin) = origin {
+            request = request.header("origin", origin);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "origin {origin:?}");
+        assert_eq!(header(&response, "access-control-allow-origin"), origin);
+        request_id(response.headers());
+        let answer = body_json(response).await;
+        assert_eq!(answer["object"], "chat.completion", "{answer}");
+        assert!(
+            answer["choices"][0]["message"]["content"]
+                .as_str()
+                .is_some_and(|text| text.contains("ping pong")),
+            "{answer}"
+        );
+    }
+
+    // A refused request on the direct route still carries the request id, in OpenAI's shape.
+    let response = app
+        .request(Method::POST, "/v1/chat/completions")
+        .bearer_auth(session.token())
+        .header("content-type", "application/json")
+        .header("x-request-id", "direct-route-check")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(request_id(response.headers()), "direct-route-check");
+    let answer = body_json(response).await;
+    assert!(answer["error"]["message"].is_string(), "{answer}");
+}
