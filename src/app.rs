@@ -432,9 +432,13 @@ impl Application {
         let listener = listener
             .into_std()
             .context("handing the listener to the edge threads")?;
-        let (edge, mut server) =
-            EdgeThreads::start(listener, threads, http::Routes::new(state.clone()))
-                .context("starting the edge threads")?;
+        let (edge, mut server) = EdgeThreads::start(
+            listener,
+            threads,
+            state.config.server.header_read_timeout,
+            http::Routes::new(state.clone()),
+        )
+        .context("starting the edge threads")?;
         // Membership changes: passivate users homed elsewhere now, reap a vanished node's turns.
         let handoff = state
             .cluster

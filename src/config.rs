@@ -204,6 +204,7 @@ pub struct RawServer {
     pub body_limit_bytes: u64,
     pub cors_origins: Vec<String>,
     pub shutdown_grace_secs: u64,
+    pub header_read_timeout_secs: u64,
     pub worker_threads: usize,
     pub edge_threads: usize,
     pub trust_forwarded_for: bool,
@@ -355,6 +356,8 @@ pub struct ServerConfig {
     pub body_limit_bytes: u64,
     pub cors: CorsOrigins,
     pub shutdown_grace: Duration,
+    /// The longest wait for a request's head, idle keep-alive included; `None`: no limit.
+    pub header_read_timeout: Option<Duration>,
     /// Threads of the actors' runtime; 0: one per core.
     pub worker_threads: usize,
     /// Threads serving HTTP connections (`src/edge.rs`); 0: one per core.
@@ -636,6 +639,8 @@ impl Config {
                 body_limit_bytes: raw.server.body_limit_bytes,
                 cors,
                 shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_secs),
+                header_read_timeout: (raw.server.header_read_timeout_secs > 0)
+                    .then(|| Duration::from_secs(raw.server.header_read_timeout_secs)),
                 worker_threads: raw.server.worker_threads,
                 edge_threads: raw.server.edge_threads,
                 trust_forwarded_for: raw.server.trust_forwarded_for,

@@ -25,7 +25,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::Either;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -61,10 +61,13 @@ pub struct Serving {
 }
 
 impl EdgeThreads {
-    /// Starts `threads` threads serving `routes` on `listener`.
+    /// Starts `threads` threads serving `routes` on `listener`. A client that takes longer than
+    /// `header_read_timeout` to send a request's head, or to start its next request on a
+    /// keep-alive connection, has its connection closed.
     pub fn start(
         listener: std::net::TcpListener,
         threads: usize,
+        header_read_timeout: Option<Duration>,
         routes: Routes,
     ) -> std::io::Result<(EdgeThreads, Serving)> {
         listener.set_nonblocking(true)?;
@@ -88,7 +91,9 @@ impl EdgeThreads {
                     runtime.block_on(async move {
                         tokio::spawn(keep_timer_wake_up_near());
                         match tokio::net::TcpListener::from_std(listener) {
-                            Ok(listener) => serve(listener, routes, stop).await,
+                            Ok(listener) => {
+                                serve(listener, routes, header_read_timeout, stop).await
+                            }
                             Err(e) => {
                                 tracing::error!(error = %e, lane, "edge thread cannot listen")
                             }
@@ -158,9 +163,19 @@ impl Drop for EndedGuard {
 
 /// Accepts and serves connections until told to stop accepting, then waits for the open ones
 /// to finish (idle keep-alive connections are closed, requests in flight complete).
-async fn serve(listener: tokio::net::TcpListener, routes: Routes, mut stop: watch::Receiver<bool>) {
+async fn serve(
+    listener: tokio::net::TcpListener,
+    routes: Routes,
+    header_read_timeout: Option<Duration>,
+    mut stop: watch::Receiver<bool>,
+) {
     let graceful = GracefulShutdown::new();
     let filtered = warp::service(routes.filter());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -186,8 +201,8 @@ async fn serve(listener: tokio::net::TcpListener, routes: Routes, mut stop: watc
             peer,
         });
         let watcher = graceful.watcher();
+        let builder = builder.clone();
         tokio::spawn(async move {
-            let builder = auto::Builder::new(TokioExecutor::new());
             let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             if let Err(e) = watcher.watch(connection).await {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
@@ -306,7 +321,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let (edge, mut serving) =
-            EdgeThreads::start(listener, 2, Routes::filter_only(routes)).unwrap();
+            EdgeThreads::start(listener, 2, None, Routes::filter_only(routes)).unwrap();
 
         let answer = tokio::task::spawn_blocking(move || get(addr, "/who"))
             .await

@@ -352,3 +352,45 @@ async fn openai_completions_from_a_browser_origin_get_cors_headers_and_others_do
     let answer = body_json(response).await;
     assert!(answer["error"]["message"].is_string(), "{answer}");
 }
+
+#[tokio::test]
+async fn a_client_that_stalls_in_its_request_head_is_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::builder()
+        .env("CHORUS__SERVER__HEADER_READ_TIMEOUT_SECS", "1")
+        .spawn()
+        .await;
+    // The request line and one header, then nothing: the head never ends.
+    let mut stalled = tokio::net::TcpStream::connect(&app.addr).await.unwrap();
+    stalled
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        stalled.read_to_end(&mut answer),
+    )
+    .await
+    .expect("the stalled connection was left open");
+    // Closed (or reset) without an answer to the unfinished request.
+    assert!(
+        closed.is_err() || !String::from_utf8_lossy(&answer).contains("200 OK"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // Whole requests are still served.
+    let mut stream = tokio::net::TcpStream::connect(&app.addr).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+}
