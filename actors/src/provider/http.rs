@@ -17,7 +17,9 @@
 //! of its own (`src/edge.rs`); such a thread calls [`serve_on_lane`] once, and the calls made
 //! from it then use connections owned by that thread, so a request and its upstream call never
 //! wake another thread (Envoy's worker threads keep their own upstream pools for the same
-//! reason). Every other thread (the actors' runtime) shares one pool.
+//! reason). Every other thread (the actors' runtime) shares one pool. On a lane, calls to
+//! plain-`http://` upstreams go further: the calling task drives the connection itself
+//! ([`lane`]).
 
 use std::cell::Cell;
 use std::pin::Pin;
@@ -36,6 +38,8 @@ use hyper_util::rt::TokioExecutor;
 use rustls_platform_verifier::BuilderVerifierExt;
 use tokio_rustls::rustls::ClientConfig;
 use tokio_rustls::rustls::crypto::aws_lc_rs;
+
+mod lane;
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 type Direct = Client<Connector, Full<Bytes>>;
@@ -87,7 +91,7 @@ impl HttpError {
         }
     }
 
-    fn from_error(what: &str, error: &(dyn std::error::Error + 'static)) -> HttpError {
+    pub(crate) fn from_error(what: &str, error: &(dyn std::error::Error + 'static)) -> HttpError {
         // The causes say what happened ("connection refused"); the top level rarely does.
         let mut message = format!("{what}: {error}");
         let mut source = error.source();
@@ -116,9 +120,10 @@ impl HttpError {
 pub struct HttpClient {
     /// The pool of threads without a lane.
     direct: Direct,
-    /// Each lane's pool, made when the lane first calls out.
-    lanes: Arc<[OnceLock<Direct>]>,
+    lanes: Arc<[Lane]>,
     connector: Connector,
+    /// The plain-TCP part of `connector` (for [`lane`]).
+    tcp: HttpConnector,
     /// For destinations behind a proxy (see the module doc).
     proxied: reqwest::Client,
     proxies: Arc<Matcher>,
@@ -155,7 +160,7 @@ impl HttpClient {
             .with_tls_config(tls)
             .https_or_http()
             .enable_all_versions()
-            .wrap_connector(tcp);
+            .wrap_connector(tcp.clone());
         let direct = Client::builder(TokioExecutor::new()).build(connector.clone());
         let proxied = reqwest::Client::builder()
             .connect_timeout(timeouts.connect)
@@ -165,8 +170,9 @@ impl HttpClient {
             .map_err(|e| HttpError::from_reqwest(&e))?;
         Ok(HttpClient {
             direct,
-            lanes: (0..LANES).map(|_| OnceLock::new()).collect(),
+            lanes: (0..LANES).map(|_| Lane::default()).collect(),
             connector,
+            tcp,
             proxied,
             proxies: Arc::new(proxies),
             read_timeout: timeouts.read,
@@ -182,11 +188,16 @@ impl HttpClient {
         }
     }
 
-    /// The pool of the calling thread's lane (see the module doc). A lane's connection tasks are
+    /// The calling thread's lane (see the module doc), if it serves one.
+    fn lane(&self) -> Option<&Lane> {
+        self.lanes.get(LANE.with(Cell::get))
+    }
+
+    /// The pool of the calling thread's lane, else the shared one. A lane's connection tasks are
     /// spawned on the runtime that first calls out from it, which is the lane's own.
     fn pool(&self) -> &Direct {
-        match self.lanes.get(LANE.with(Cell::get)) {
-            Some(lane) => lane.get_or_init(|| {
+        match self.lane() {
+            Some(lane) => lane.pool.get_or_init(|| {
                 Client::builder(TokioExecutor::new()).build(self.connector.clone())
             }),
             None => &self.direct,
@@ -212,6 +223,15 @@ impl HttpClient {
         });
         post
     }
+}
+
+/// The connections of one lane.
+#[derive(Default)]
+struct Lane {
+    /// For `https://` upstreams: hyper's pooled client, made when the lane first calls one.
+    pool: OnceLock<Direct>,
+    /// For `http://` upstreams: connections driven by the calling task.
+    plain: Arc<lane::LaneConns>,
 }
 
 /// A request being built (see [`HttpClient::post`]); it borrows the client (no clone per call).
@@ -263,10 +283,24 @@ impl Post<'_> {
                 read_timeout,
             });
         }
+        let plain = uri.scheme() == Some(&http::uri::Scheme::HTTP);
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = uri;
         *request.headers_mut() = self.headers;
+        if let Some(lane) = client.lane().filter(|_| plain) {
+            let sent = lane.plain.clone().send(&client.tcp, request);
+            let (head, body) = tokio::time::timeout(read_timeout, sent)
+                .await
+                .map_err(|_| HttpError::timeout("waiting for the response", read_timeout))??
+                .into_parts();
+            return Ok(HttpResponse {
+                status: head.status,
+                headers: head.headers,
+                body: Body::Driven(body),
+                read_timeout,
+            });
+        }
         let response = tokio::time::timeout(read_timeout, client.pool().request(request))
             .await
             .map_err(|_| HttpError::timeout("waiting for the response", read_timeout))?
@@ -283,6 +317,7 @@ impl Post<'_> {
 
 enum Body {
     Direct(hyper::body::Incoming),
+    Driven(lane::DrivenBody),
     Proxied(reqwest::Response),
 }
 
@@ -334,34 +369,39 @@ impl HttpResponse {
                 .bytes_stream()
                 .map(|piece| piece.map_err(|e| HttpError::from_reqwest(&e)))
                 .boxed(),
-            Body::Direct(body) => {
-                futures_util::stream::unfold(Some(body), move |body| async move {
-                    let mut body = body?;
-                    loop {
-                        let frame = match tokio::time::timeout(read_timeout, body.frame()).await {
-                            Err(_) => {
-                                let error =
-                                    HttpError::timeout("reading the response", read_timeout);
-                                return Some((Err(error), None));
-                            }
-                            Ok(None) => return None,
-                            Ok(Some(Err(e))) => {
-                                let error =
-                                    HttpError::from_error("reading the response failed", &e);
-                                return Some((Err(error), None));
-                            }
-                            Ok(Some(Ok(frame))) => frame,
-                        };
-                        // Trailers carry nothing a provider sends; only data counts.
-                        if let Ok(data) = frame.into_data()
-                            && !data.is_empty()
-                        {
-                            return Some((Ok(data), Some(body)));
-                        }
-                    }
-                })
-                .boxed()
-            }
+            Body::Direct(body) => frames(body, read_timeout),
+            Body::Driven(body) => frames(body, read_timeout),
         }
     }
+}
+
+/// A hyper body's data pieces, each within `read_timeout`.
+fn frames<B>(body: B, read_timeout: Duration) -> ByteStream
+where
+    B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Unpin + Send + 'static,
+{
+    futures_util::stream::unfold(Some(body), move |body| async move {
+        let mut body = body?;
+        loop {
+            let frame = match tokio::time::timeout(read_timeout, body.frame()).await {
+                Err(_) => {
+                    let error = HttpError::timeout("reading the response", read_timeout);
+                    return Some((Err(error), None));
+                }
+                Ok(None) => return None,
+                Ok(Some(Err(e))) => {
+                    let error = HttpError::from_error("reading the response failed", &e);
+                    return Some((Err(error), None));
+                }
+                Ok(Some(Ok(frame))) => frame,
+            };
+            // Trailers carry nothing a provider sends; only data counts.
+            if let Ok(data) = frame.into_data()
+                && !data.is_empty()
+            {
+                return Some((Ok(data), Some(body)));
+            }
+        }
+    })
+    .boxed()
 }
