@@ -247,8 +247,9 @@ async fn call(
 }
 
 /// A response body that drives its connection while it is read, and hands the connection back
-/// to its lane when the body has ended (a body dropped before its end closes the connection:
-/// what is left unread cannot be skipped on HTTP/1).
+/// to its lane when the body has ended. A body dropped before its end (a stream decoder stops
+/// at `[DONE]`, before the final chunk is read) hands it back too if the rest has already
+/// arrived; else the connection is closed, as what is left unread cannot be skipped on HTTP/1.
 pub(super) struct DrivenBody {
     body: Incoming,
     conn: Option<Box<Conn>>,
@@ -285,12 +286,37 @@ impl Body for DrivenBody {
     }
 }
 
+/// At most this many pieces are read off a dropped body to reach its end.
+const DRAIN_PIECES: usize = 16;
+
+impl Drop for DrivenBody {
+    fn drop(&mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        // Only what has already arrived: nothing waits here.
+        let mut cx = Context::from_waker(Waker::noop());
+        for _ in 0..DRAIN_PIECES {
+            conn.drive(&mut cx);
+            match Pin::new(&mut self.body).poll_frame(&mut cx) {
+                Poll::Ready(None) => {
+                    self.home.check_in(conn);
+                    return;
+                }
+                Poll::Ready(Some(Ok(_))) => {}
+                Poll::Ready(Some(Err(_))) | Poll::Pending => return,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
+    use futures_util::StreamExt;
     use hyper_util::client::proxy::matcher::Matcher;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -305,8 +331,9 @@ mod tests {
 
     /// A keep-alive HTTP/1.1 upstream on `127.0.0.1:0` that answers every request with its
     /// number (`"1"`, `"2"`, … over all connections) and closes a connection shortly after
-    /// `per_connection` answers, without saying so (as a server whose keep-alive ran out).
-    async fn upstream(per_connection: usize) -> (String, Arc<Seen>) {
+    /// `per_connection` answers, without saying so (as a server whose keep-alive ran out). With
+    /// `slow_body`, each body follows its head 50 ms later.
+    async fn upstream(per_connection: usize, slow_body: bool) -> (String, Arc<Seen>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let seen = Arc::new(Seen::default());
@@ -326,11 +353,18 @@ mod tests {
                         state.heads.lock().unwrap().push(head);
                         let number = served.fetch_add(1, Ordering::SeqCst) + 1;
                         let body = number.to_string();
-                        let response = format!(
-                            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+                        let head = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n",
                             body.len()
                         );
-                        socket.write_all(response.as_bytes()).await.unwrap();
+                        if slow_body {
+                            socket.write_all(head.as_bytes()).await.unwrap();
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            // The client may have hung up meanwhile.
+                            let _ = socket.write_all(body.as_bytes()).await;
+                        } else {
+                            socket.write_all((head + &body).as_bytes()).await.unwrap();
+                        }
                     }
                     // Later than the answer, so the client has put the connection aside.
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -383,7 +417,7 @@ mod tests {
     #[tokio::test]
     async fn calls_on_a_lane_share_one_connection_in_origin_form_with_a_host() {
         serve_on_lane(0);
-        let (base, seen) = upstream(usize::MAX).await;
+        let (base, seen) = upstream(usize::MAX, false).await;
         let client = client(Duration::from_secs(5));
         let url = format!("{base}/v1/chat/completions?x=1");
         for expected in ["1", "2", "3"] {
@@ -408,7 +442,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_the_upstream_closed_is_not_used_again() {
         serve_on_lane(0);
-        let (base, seen) = upstream(1).await;
+        let (base, seen) = upstream(1, false).await;
         let client = client(Duration::from_secs(5));
         for expected in ["1", "2", "3"] {
             assert_eq!(call(&client, &base).await, expected);
@@ -419,14 +453,27 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_body_left_unread_does_not_leave_its_connection_for_the_next_call() {
+    async fn a_body_dropped_before_it_arrived_does_not_leave_its_connection_for_the_next_call() {
         serve_on_lane(0);
-        let (base, seen) = upstream(usize::MAX).await;
+        let (base, seen) = upstream(usize::MAX, true).await;
         let client = client(Duration::from_secs(5));
         let unread = client.post_url(&base).send().await.unwrap();
         drop(unread);
         assert_eq!(call(&client, &base).await, "2");
         assert_eq!(seen.connections.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_after_its_last_byte_arrived_leaves_its_connection_for_the_next_call() {
+        serve_on_lane(0);
+        let (base, seen) = upstream(usize::MAX, false).await;
+        let client = client(Duration::from_secs(5));
+        let mut pieces = client.post_url(&base).send().await.unwrap().bytes_stream();
+        // The whole body, but not the end of the stream (as a decoder that stops at `[DONE]`).
+        assert_eq!(&pieces.next().await.unwrap().unwrap()[..], b"1");
+        drop(pieces);
+        assert_eq!(call(&client, &base).await, "2");
+        assert_eq!(seen.connections.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
