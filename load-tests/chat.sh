@@ -182,6 +182,13 @@ async def main():
     await asyncio.sleep(3)
     during = rss()
     print(f"streams open and delivering deltas: {len(held)} of {n}")
+    failed = {}
+    for c in conns:
+        if not isinstance(c, tuple):
+            reason = "closed before a delta" if c is None else type(c).__name__ + ": " + str(c)[:80]
+            failed[reason] = failed.get(reason, 0) + 1
+    for reason, count in sorted(failed.items(), key=lambda kv: -kv[1]):
+        print(f"  not delivering: {count} x {reason}")
     print(f"RSS before {before} kB, while holding {during} kB: {(during - before) / max(len(held), 1):.1f} kB per stream")
     for r, w in held:
         w.close()

@@ -863,36 +863,53 @@ pub(crate) mod test_support {
         whole
     }
 
+    /// Reads one HTTP/1.1 request (head and content-length body) off `socket`, leaving any bytes
+    /// of the next request in `buffer`; the request lower-cased, or `None` once the peer closes.
+    pub(crate) async fn read_request(
+        socket: &mut tokio::net::TcpStream,
+        buffer: &mut Vec<u8>,
+    ) -> Option<String> {
+        use tokio::io::AsyncReadExt;
+
+        let mut piece = [0u8; 4096];
+        loop {
+            let text = String::from_utf8_lossy(buffer).to_lowercase();
+            if let Some(head_end) = text.find("\r\n\r\n") {
+                let length = text[..head_end]
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                let end = head_end + 4 + length;
+                if buffer.len() >= end {
+                    let request = String::from_utf8_lossy(&buffer[..end]).to_lowercase();
+                    buffer.drain(..end);
+                    return Some(request);
+                }
+            }
+            let n = socket.read(&mut piece).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buffer.extend_from_slice(&piece[..n]);
+        }
+    }
+
     /// A one-shot HTTP/1.1 server on `127.0.0.1:0`: it reads one request, answers `response`
     /// verbatim (status line, headers, body) and closes, which ends a close-delimited body.
     /// Returns the base URL and a handle yielding the request as received, lower-cased.
     pub(crate) async fn serve_once(response: String) -> (String, tokio::task::JoinHandle<String>) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let handle = tokio::spawn(async move {
             let (mut socket, _) = listener.accept().await.unwrap();
-            let mut request = Vec::new();
-            let mut buf = [0u8; 4096];
-            loop {
-                let n = socket.read(&mut buf).await.unwrap();
-                request.extend_from_slice(&buf[..n]);
-                let text = String::from_utf8_lossy(&request).to_lowercase();
-                if let Some(head_end) = text.find("\r\n\r\n") {
-                    let length = text[..head_end]
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .map_or(0, |v| v.trim().parse::<usize>().unwrap());
-                    if request.len() >= head_end + 4 + length {
-                        break;
-                    }
-                }
-                assert!(n > 0, "client closed before sending a whole request");
-            }
+            let request = read_request(&mut socket, &mut Vec::new())
+                .await
+                .expect("client closed before sending a whole request");
             socket.write_all(response.as_bytes()).await.unwrap();
             socket.shutdown().await.unwrap();
-            String::from_utf8_lossy(&request).to_lowercase()
+            request
         });
         (base, handle)
     }

@@ -318,15 +318,16 @@ mod tests {
 
     use futures_util::StreamExt;
     use hyper_util::client::proxy::matcher::Matcher;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
 
     use crate::provider::http::{HttpClient, HttpTimeouts, serve_on_lane};
+    use crate::provider::openai::test_support::read_request;
 
-    /// What the test upstream saw: connections accepted, and each request's head (lower-cased).
+    /// What the test upstream saw: connections accepted, and each request (lower-cased).
     #[derive(Default)]
     struct Seen {
         connections: AtomicUsize,
-        heads: Mutex<Vec<String>>,
+        requests: Mutex<Vec<String>>,
     }
 
     /// A keep-alive HTTP/1.1 upstream on `127.0.0.1:0` that answers every request with its
@@ -347,10 +348,10 @@ mod tests {
                 tokio::spawn(async move {
                     let mut buffer = Vec::new();
                     for _ in 0..per_connection {
-                        let Some(head) = read_request(&mut socket, &mut buffer).await else {
+                        let Some(request) = read_request(&mut socket, &mut buffer).await else {
                             return;
                         };
-                        state.heads.lock().unwrap().push(head);
+                        state.requests.lock().unwrap().push(request);
                         let number = served.fetch_add(1, Ordering::SeqCst) + 1;
                         let body = number.to_string();
                         let head = format!(
@@ -372,32 +373,6 @@ mod tests {
             }
         });
         (base, seen)
-    }
-
-    /// Reads one request (head and content-length body) off `socket`; its head, lower-cased.
-    async fn read_request(
-        socket: &mut tokio::net::TcpStream,
-        buffer: &mut Vec<u8>,
-    ) -> Option<String> {
-        let mut piece = [0u8; 4096];
-        loop {
-            let text = String::from_utf8_lossy(buffer).to_lowercase();
-            if let Some(head_end) = text.find("\r\n\r\n") {
-                let length = text[..head_end]
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .map_or(0, |v| v.trim().parse::<usize>().unwrap());
-                if buffer.len() >= head_end + 4 + length {
-                    buffer.drain(..head_end + 4 + length);
-                    return Some(text[..head_end].to_owned());
-                }
-            }
-            let n = socket.read(&mut piece).await.ok()?;
-            if n == 0 {
-                return None;
-            }
-            buffer.extend_from_slice(&piece[..n]);
-        }
     }
 
     fn client(read_timeout: Duration) -> HttpClient {
@@ -424,17 +399,17 @@ mod tests {
             assert_eq!(call(&client, &url).await, expected);
         }
         assert_eq!(seen.connections.load(Ordering::SeqCst), 1);
-        let heads = seen.heads.lock().unwrap().clone();
+        let requests = seen.requests.lock().unwrap().clone();
         let host = base.trim_start_matches("http://");
-        for head in heads {
+        for request in requests {
             assert!(
-                head.starts_with("post /v1/chat/completions?x=1 http/1.1\r\n"),
-                "{head}"
+                request.starts_with("post /v1/chat/completions?x=1 http/1.1\r\n"),
+                "{request}"
             );
-            assert!(head.contains(&format!("\r\nhost: {host}")), "{head}");
+            assert!(request.contains(&format!("\r\nhost: {host}")), "{request}");
             assert!(
-                head.contains("\r\ncontent-type: application/json"),
-                "{head}"
+                request.contains("\r\ncontent-type: application/json"),
+                "{request}"
             );
         }
     }
