@@ -171,7 +171,13 @@ async def one(streaming, sem):
         buf = b""
         while b"event:delta" not in buf:
             chunk = await r.read(4096)
-            if not chunk: return None
+            if not chunk:  # the answer's status line and body, for the report below
+                head, _, rest = buf.partition(b"\r\n\r\n")
+                try:
+                    rest = json.loads(rest)["error"]["message"].encode()
+                except (ValueError, KeyError, TypeError):
+                    rest = rest[:160]
+                return (head.split(b"\r\n", 1)[0] + b": " + rest).decode(errors="replace") or None
             buf += chunk
     streaming.append(1)
     return (r, w)
@@ -185,7 +191,12 @@ async def main():
     failed = {}
     for c in conns:
         if not isinstance(c, tuple):
-            reason = "closed before a delta" if c is None else type(c).__name__ + ": " + str(c)[:80]
+            if c is None:
+                reason = "closed before an answer"
+            elif isinstance(c, str):
+                reason = "closed before a delta, after " + c
+            else:
+                reason = type(c).__name__ + ": " + str(c)[:80]
             failed[reason] = failed.get(reason, 0) + 1
     for reason, count in sorted(failed.items(), key=lambda kv: -kv[1]):
         print(f"  not delivering: {count} x {reason}")
