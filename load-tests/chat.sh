@@ -171,13 +171,15 @@ async def one(streaming, sem):
         buf = b""
         while b"event:delta" not in buf:
             chunk = await r.read(4096)
+            if not chunk and not buf:
+                return None
             if not chunk:  # the answer's status line and body, for the report below
                 head, _, rest = buf.partition(b"\r\n\r\n")
                 try:
                     rest = json.loads(rest)["error"]["message"].encode()
                 except (ValueError, KeyError, TypeError):
                     rest = rest[:160]
-                return (head.split(b"\r\n", 1)[0] + b": " + rest).decode(errors="replace") or None
+                return (head.split(b"\r\n", 1)[0] + b": " + rest).decode(errors="replace")
             buf += chunk
     streaming.append(1)
     return (r, w)
