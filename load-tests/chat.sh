@@ -155,6 +155,7 @@ THREAD=$(curl -sf -X POST "$B/api/v1/threads" -H "authorization: Bearer $TOKEN" 
 BEFORE=$(rss VmRSS)
 python3 - "$PORT" "$TOKEN" "$THREAD" "$STREAMS" "$PID" "$BEFORE" <<'PY'
 import asyncio, json, sys
+from collections import Counter
 port, token, thread, n, pid, before = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
 body = json.dumps({"content": "hold this stream open"}).encode()
 req = (f"POST /api/v1/threads/{thread}/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -171,9 +172,9 @@ async def one(streaming, sem):
         buf = b""
         while b"event:delta" not in buf:
             chunk = await r.read(4096)
-            if not chunk and not buf:
-                return None
-            if not chunk:  # the answer's status line and body, for the report below
+            if not chunk:  # closed: report the answer's status line and error message, if any
+                if not buf:
+                    return None
                 head, _, rest = buf.partition(b"\r\n\r\n")
                 try:
                     rest = json.loads(rest)["error"]["message"].encode()
@@ -190,17 +191,13 @@ async def main():
     await asyncio.sleep(3)
     during = rss()
     print(f"streams open and delivering deltas: {len(held)} of {n}")
-    failed = {}
-    for c in conns:
-        if not isinstance(c, tuple):
-            if c is None:
-                reason = "closed before an answer"
-            elif isinstance(c, str):
-                reason = "closed before a delta, after " + c
-            else:
-                reason = type(c).__name__ + ": " + str(c)[:80]
-            failed[reason] = failed.get(reason, 0) + 1
-    for reason, count in sorted(failed.items(), key=lambda kv: -kv[1]):
+    def why(c):
+        if c is None:
+            return "closed before an answer"
+        if isinstance(c, str):
+            return "closed before a delta, after " + c
+        return type(c).__name__ + ": " + str(c)[:80]
+    for reason, count in Counter(why(c) for c in conns if not isinstance(c, tuple)).most_common():
         print(f"  not delivering: {count} x {reason}")
     print(f"RSS before {before} kB, while holding {during} kB: {(during - before) / max(len(held), 1):.1f} kB per stream")
     for r, w in held:
